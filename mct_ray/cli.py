@@ -1,0 +1,120 @@
+"""`mct-ray` console command: run | experts | distill | eval.
+
+Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from mct_ray import formats, pipeline
+from mct_ray import storage as layout
+from mct_ray.config import Config, load_config
+from mct_ray.errors import MctRayError
+from mct_ray.evaluate import evaluate
+from mct_ray.storage import Storage
+
+log = logging.getLogger("mct_ray")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mct-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    for name, help_text in (("run", "experts, distillation, evaluation, report (default)"),
+                            ("experts", "train expert trajectories into <out>/experts"),
+                            ("distill", "distill from the experts of --experts (or --out)"),
+                            ("eval", "evaluate <out>/synthetic.safetensors")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--recipe", default="digits", help="named recipe (default: digits)")
+        p.add_argument("--out", default=None, help="run folder or URI "
+                       "(default: runs/<recipe>-<timestamp>)")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. distill.ipc=10 seed=3")
+        if name == "distill":
+            p.add_argument("--experts", default=None, help="run folder holding experts/")
+        if name in ("run", "distill"):
+            p.add_argument("--resume", action="store_true",
+                           help="continue from <out>/state.safetensors if present")
+        if name == "eval":
+            p.add_argument("--synthetic", default=None, help="a synthetic .safetensors file")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.recipe, args.overrides)
+    out = args.out or cfg.run.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg.replace(**{"run.out": out})
+
+
+def cmd_experts(cfg: Config, args: argparse.Namespace) -> dict:
+    store = Storage.open(cfg.run.out)
+    store.write_json(layout.CONFIG, cfg.to_dict())
+    ctx = pipeline.Context.build(cfg)
+    results = pipeline.generate_experts(ctx, store)
+    return {"experts": len(results), "expert_test_acc": [r.test_acc for r in results]}
+
+
+def cmd_distill(cfg: Config, args: argparse.Namespace, ctx=None) -> dict:
+    started = time.perf_counter()
+    store = Storage.open(cfg.run.out)
+    experts = Storage.open(getattr(args, "experts", None) or cfg.run.out)
+    ctx = ctx or pipeline.Context.build(cfg)
+    trajectories = pipeline.load_experts(experts, ctx.spec, full=cfg.distill.method == "mtt")
+    store.write_json(layout.CONFIG, cfg.to_dict())
+    outcome = pipeline.run_distillation(ctx, store, trajectories, resume=args.resume)
+    return pipeline.finish(ctx, store, outcome, started, experts)
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> dict:
+    store = Storage.open(cfg.run.out)
+    store.write_json(layout.CONFIG, cfg.to_dict())
+    ctx = pipeline.Context.build(cfg)
+    if not (args.resume and store.list(layout.EXPERTS, ".safetensors")):
+        pipeline.generate_experts(ctx, store)
+    return cmd_distill(cfg, args, ctx)
+
+
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> dict:
+    store = Storage.open(cfg.run.out)
+    ctx = pipeline.Context.build(cfg)
+    source = Storage.open(args.synthetic.rsplit("/", 1)[0]) if args.synthetic else store
+    name = args.synthetic.rsplit("/", 1)[-1] if args.synthetic else layout.SYNTHETIC
+    images, labels, step, info = formats.load_synthetic(source.read_bytes(name),
+                                                        source.uri_of(name), ctx.spec)
+    result = evaluate(ctx.spec, images, labels, step, ctx.data, cfg.eval, cfg.augment,
+                      cfg.seed, int(info.get("iteration", 0)), tag="final", device=ctx.device)
+    out = {"acc_mean": result.mean, "acc_std": result.std, "accs": list(result.accs),
+           "num_eval": cfg.eval.num_eval, "epochs": cfg.eval.epochs, "source": source.uri_of(name)}
+    store.write_json("eval.json", out)
+    return out
+
+
+COMMANDS = {"run": cmd_run, "experts": cmd_experts, "distill": cmd_distill, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = _config(args)
+        result = COMMANDS[args.command](cfg, args)
+    except MctRayError as exc:
+        print(f"mct-ray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mct-ray: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    print(f"outputs in {cfg.run.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

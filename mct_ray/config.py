@@ -1,0 +1,314 @@
+"""One typed config tree, validated once at the entrypoint, then frozen.
+
+A run's config is: dataclass defaults <- recipe YAML (which may name a `base` recipe)
+<- command-line `key=value` overrides. `load_config` is the only constructor the entrypoints
+use; every value is checked against the bounds declared next to its field, so a bad key or
+value fails before any work starts with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mct_ray.errors import ConfigError
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
+       choices: tuple | None = None, doc: str = "") -> Any:
+    """A config field with its allowed range or choices (checked by `validate`)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _f("digits", choices=("digits", "cifar10", "cifar100", "tinyimagenet",
+                                      "imagefolder", "random"))
+    root: str = _f("data", doc="where data sets are looked for (and downloaded to)")
+    download: bool = _f(False)
+    resolution: int = _f(0, lo=0, hi=1024, doc="0 keeps the native size")
+    zca: bool = _f(False)
+    zca_eps: float = _f(0.1, lo=0.0, hi=10.0)
+    test_fraction: float = _f(0.2, lo=0.05, hi=0.5, doc="digits: stratified test split")
+    # Only for `random` (benchmarks): the shape and size of the generated data.
+    channels: int = _f(3, lo=1, hi=16)
+    num_classes: int = _f(10, lo=2, hi=10000)
+    num_train: int = _f(1000, lo=1, hi=10_000_000)
+    num_test: int = _f(200, lo=1, hi=10_000_000)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    name: str = _f("convnet", choices=("convnet",))
+    width: int = _f(128, lo=1, hi=4096)
+    depth: int = _f(0, lo=0, hi=8, doc="0 picks the depth from the resolution")
+    norm: str = _f("instancenorm", choices=("instancenorm", "none"))
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Differentiable siamese augmentation with MTT's strengths."""
+
+    enabled: bool = _f(True)
+    strategy: str = _f("color_crop_cutout_flip_scale_rotate")
+    mode: str = _f("single", choices=("single", "all"),
+                   doc="single: one family per batch (MTT's default); all: every family")
+    scale: float = _f(1.2, lo=1.0, hi=4.0)
+    rotate: float = _f(15.0, lo=0.0, hi=180.0, doc="degrees")
+    crop: float = _f(0.125, lo=0.0, hi=0.5)
+    cutout: float = _f(0.5, lo=0.0, hi=1.0)
+    brightness: float = _f(1.0, lo=0.0, hi=4.0)
+    saturation: float = _f(2.0, lo=0.0, hi=8.0)
+    contrast: float = _f(0.5, lo=0.0, hi=4.0)
+    flip: float = _f(0.5, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    num_experts: int = _f(10, lo=1, hi=100_000)
+    epochs: int = _f(50, lo=1, hi=10_000, doc="K")
+    lr: float = _f(0.01, lo=0.0, hi=10.0)
+    batch: int = _f(256, lo=1, hi=1_000_000)
+    momentum: float = _f(0.0, lo=0.0, hi=0.999)
+    weight_decay: float = _f(0.0, lo=0.0, hi=1.0)
+    anchors: tuple = _f((), doc="interior epochs where the convex path bends (authors: 6, 25)")
+    keep_full: bool = _f(False, doc="also keep every epoch (the MTT trajectory)")
+    store_init_as_seed: bool = _f(False, doc="store theta(0) as its seed, rebuilt on load")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str = _f("mct", choices=("mct", "mtt"))
+    ipc: int = _f(1, lo=1, hi=100_000)
+    iterations: int = _f(5000, lo=0, hi=10_000_000)
+    syn_steps: int = _f(50, lo=1, hi=10_000, doc="N")
+    expert_epochs: float = _f(2.0, lo=0.0, hi=10_000.0, doc="M")
+    max_start_epoch: float = _f(20.0, lo=0.0, hi=10_000.0)
+    batch_syn: int = _f(0, lo=0, hi=1_000_000, doc="0 uses the whole synthetic set")
+    lr_img: float = _f(1000.0, lo=0.0, hi=1e7)
+    lr_lr: float = _f(1e-5, lo=0.0, hi=10.0)
+    lr_teacher: float = _f(0.01, lo=0.0, hi=10.0, doc="initial learnable step size")
+    momentum: float = _f(0.5, lo=0.0, hi=0.999)
+    min_step_size: float = _f(1e-6, lo=0.0, hi=1.0, doc="floor kept on the step size")
+    grad_mode: str = _f("unroll", choices=("unroll", "checkpoint", "tesla"))
+    checkpoint_segments: int = _f(0, lo=0, hi=10_000, doc="0 picks ~sqrt(N)")
+    max_bad_steps: int = _f(10, lo=1, hi=1_000_000,
+                            doc="non-finite losses in a row before the run stops")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(100, lo=1, hi=10_000_000)
+    num_eval: int = _f(5, lo=1, hi=1000)
+    epochs: int = _f(1000, lo=1, hi=1_000_000)
+    batch: int = _f(256, lo=1, hi=1_000_000)
+    momentum: float = _f(0.9, lo=0.0, hi=0.999)
+    weight_decay: float = _f(5e-4, lo=0.0, hi=1.0)
+    augment: bool = _f(True)
+    baseline: bool = _f(True, doc="also score random real images at the same ipc")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = _f("", doc="output folder or URI; empty: runs/<recipe>-<timestamp>")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    num_threads: int = _f(0, lo=0, hi=1024, doc="torch threads; 0 leaves torch's default")
+    progress: bool = _f(True)
+    checkpoint_every: int = _f(0, lo=0, hi=10_000_000, doc="0: only at evaluations")
+
+
+@dataclass(frozen=True)
+class Config:
+    recipe: str = _f("digits")
+    seed: int = _f(0, lo=0, hi=2**31 - 1)
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A validated copy with dotted-key overrides, e.g. replace(**{"distill.ipc": 10})."""
+        return from_dict(_merge(self.to_dict(), _nest(overrides)))
+
+
+# ---------------------------------------------------------------------------------------
+# Building and validation.
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(key: str, value: Any, typ: Any, meta: dict) -> Any:
+    """Check one value against its declared type and bounds; return it normalised."""
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+    elif typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif typ is tuple or get_origin(typ) is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        value = tuple(value)
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(map(str, choices))
+        raise ConfigError(f"config key '{key}' must be one of {allowed}; got {value!r}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"config key '{key}' must be in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        key = prefix + unknown[0]
+        allowed = ", ".join(sorted(names))
+        raise ConfigError(f"unknown config key '{key}' (allowed here: {allowed})")
+    kwargs = {}
+    for name, f in names.items():
+        if name not in values:
+            continue
+        key, typ, value = prefix + name, hints[name], values[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; set '{key}.<name>=...'")
+            kwargs[name] = _build(typ, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, typ, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _check_cross(cfg: Config) -> None:
+    """Constraints that involve more than one key."""
+    d, e = cfg.distill, cfg.expert
+    if d.max_start_epoch >= e.epochs:
+        raise ConfigError(f"config key 'distill.max_start_epoch' must be below expert.epochs "
+                          f"({e.epochs}), got {d.max_start_epoch}")
+    if d.method == "mtt":
+        for key, v in (("distill.max_start_epoch", d.max_start_epoch),
+                       ("distill.expert_epochs", d.expert_epochs)):
+            if v != int(v):
+                raise ConfigError(f"config key '{key}' must be a whole number for method mtt "
+                                  f"(MTT samples stored epochs), got {v}")
+        if d.max_start_epoch + d.expert_epochs > e.epochs:
+            raise ConfigError("config keys 'distill.max_start_epoch' + 'distill.expert_epochs' "
+                              f"must not exceed expert.epochs ({e.epochs}) for method mtt")
+    if d.expert_epochs <= 0:
+        raise ConfigError("config key 'distill.expert_epochs' must be above 0")
+    anchors = e.anchors
+    if any(not isinstance(a, int) or isinstance(a, bool) for a in anchors) or \
+            list(anchors) != sorted(set(anchors)) or any(a <= 0 or a >= e.epochs for a in anchors):
+        raise ConfigError(f"config key 'expert.anchors' must be increasing whole epochs strictly "
+                          f"between 0 and expert.epochs ({e.epochs}), got {list(anchors)}")
+
+
+def from_dict(values: dict) -> Config:
+    cfg = _build(Config, values, "")
+    _check_cross(cfg)
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value the way YAML would (1, 1e-5, true, [6, 25], cifar10)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. distill.ipc=10)")
+        out[key.strip()] = parse_value(text)
+    return out
+
+
+def recipe_names() -> list[str]:
+    folder = resources.files("mct_ray") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _recipe_dict(name: str, seen: tuple = ()) -> dict:
+    if name in seen:
+        raise ConfigError(f"recipe '{name}' names itself as a base")
+    if name not in recipe_names():
+        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(recipe_names())})")
+    text = (resources.files("mct_ray") / "recipes" / f"{name}.yaml").read_text()
+    values = yaml.safe_load(text) or {}
+    base = values.pop("base", None)
+    if base:
+        values = _merge(_recipe_dict(base, seen + (name,)), values)
+    return values
+
+
+def load_config(recipe: str = "digits", overrides: dict[str, Any] | list[str] | None = None,
+                ) -> Config:
+    """The entrypoints' one way to get a Config: recipe <- overrides, validated and frozen."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values = _merge(_recipe_dict(recipe), _nest(dict(overrides or {})))
+    values["recipe"] = recipe
+    return from_dict(values)
+
+
+def config_from_json(text: str) -> Config:
+    """Rebuild a Config from the config.json written beside an artifact."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config.json is not valid JSON: {exc}") from None
+    return from_dict(values)

@@ -1,0 +1,286 @@
+"""The matching loop, one for both methods (MCT: convex trajectories, continuous start
+sampling, fractional M; MTT: full trajectories, whole-epoch sampling).
+
+One iteration, in named steps:
+    sample_segment   expert k, start c, target c+M (clamped to K)
+    plan_unroll      every random choice of the N student steps (minibatches, DSA params)
+    unroll           N SGD steps of the student on the synthetic set, and the gradient of
+                     match_loss = ||theta_N - target||^2 / ||start - target||^2
+                     w.r.t. the images and the step size, by one of three modes:
+                       unroll      keep the graph of all N steps (exact, memory O(N))
+                       checkpoint  keep the parameters at ~sqrt(N) boundaries, recompute each
+                                   segment's graph in the backward pass (exact, O(sqrt N))
+                       tesla       treat each step's parameters as constant in the images and
+                                   replay the steps one at a time (approximate, O(1))
+    update           SGD with momentum on images and step size; a non-finite loss or gradient
+                     skips the update, and `max_bad_steps` in a row raise DivergenceError.
+
+Every random draw of iteration i comes from generator(seed, "distill", i), so the state to
+resume exactly is just images, step size, optimiser states and the iteration counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mct_ray.augment import AugPlan, Augmenter
+from mct_ray.config import DistillConfig
+from mct_ray.errors import DivergenceError, FormatError
+from mct_ray.nets import NetSpec
+from mct_ray.rng import generator
+from mct_ray.trajectory import Trajectory, unflatten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Segment:
+    expert: int
+    start_epoch: float
+    target_epoch: float
+    start: list[torch.Tensor]  # per-tensor parameters
+    target: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    indices: torch.Tensor  # (B,) rows of the synthetic set
+    aug: AugPlan
+
+
+@dataclass(frozen=True)
+class StepResult:
+    iteration: int
+    loss: float
+    step_size: float
+    start_epoch: float
+    skipped: bool
+
+
+def init_synthetic(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, ipc: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """ipc real images per class, drawn without replacement; labels class-major."""
+    images, labels = [], []
+    for c in range(num_classes):
+        idx = torch.nonzero(train_y == c).flatten()
+        if len(idx) < ipc:
+            raise FormatError(f"class {c} has {len(idx)} training images, fewer than ipc={ipc}")
+        pick = idx[torch.randperm(len(idx), generator=gen)[:ipc]]
+        images.append(train_x[pick])
+        labels.append(torch.full((ipc,), c, dtype=torch.long))
+    return torch.cat(images).clone(), torch.cat(labels)
+
+
+def sample_segment(trajectories: list[Trajectory], cfg: DistillConfig, gen: torch.Generator,
+                   device: str) -> Segment:
+    k = int(torch.randint(len(trajectories), (1,), generator=gen))
+    traj = trajectories[k]
+    if cfg.method == "mct":  # continuous: c ~ U[0, max_start]
+        c = float(torch.rand((), generator=gen, dtype=torch.float64)) * cfg.max_start_epoch
+    else:  # MTT: a whole epoch in [0, max_start]
+        c = float(torch.randint(int(cfg.max_start_epoch) + 1, (1,), generator=gen))
+    target_epoch = min(c + cfg.expert_epochs, traj.num_epochs)
+    start = unflatten(traj.spec, traj.point(c).to(device))
+    target = unflatten(traj.spec, traj.point(target_epoch).to(device))
+    return Segment(k, c, target_epoch, start, target)
+
+
+def plan_unroll(num_syn: int, batch_syn: int, num_steps: int, size: int, aug: Augmenter,
+                gen: torch.Generator) -> list[StepPlan]:
+    """Minibatches walk shuffled passes over the synthetic set, as in MTT."""
+    batch = batch_syn or num_syn
+    plans: list[StepPlan] = []
+    chunks: list[torch.Tensor] = []
+    for _ in range(num_steps):
+        if not chunks:
+            chunks = list(torch.randperm(num_syn, generator=gen).split(batch))
+        idx = chunks.pop(0)
+        plans.append(StepPlan(idx, aug.sample(len(idx), size, gen)))
+    return plans
+
+
+def match_loss(final: list[torch.Tensor], seg: Segment) -> torch.Tensor:
+    """||theta_N - target||^2 / ||start - target||^2, summed over all tensors."""
+    num = sum(((p - t) ** 2).sum() for p, t in zip(final, seg.target))
+    den = sum(((s - t) ** 2).sum() for s, t in zip(seg.start, seg.target))
+    return num / den
+
+
+class Student:
+    """The student's SGD step as a function of (parameters, images, step size)."""
+
+    def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter):
+        self.spec, self.labels, self.aug = spec, labels, aug
+
+    def step(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
+             plan: StepPlan, create_graph: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One SGD step; returns (new parameters, gradients)."""
+        x = self.aug.apply(images[plan.indices], plan.aug)
+        loss = F.cross_entropy(self.spec.forward(params, x), self.labels[plan.indices])
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return [p - step_size * g for p, g in zip(params, grads)], list(grads)
+
+    def run(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
+            plans: list[StepPlan], create_graph: bool) -> list[torch.Tensor]:
+        for plan in plans:
+            if not create_graph:
+                params = [p.detach().requires_grad_() for p in params]
+            params, _ = self.step(params, images, step_size, plan, create_graph)
+        return [p if create_graph else p.detach() for p in params]
+
+
+def _leaves(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def _loss_and_grad(final: list[torch.Tensor], seg: Segment
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The matching loss and its gradient w.r.t. theta_N (start and target are constants)."""
+    final = _leaves(final)
+    loss = match_loss(final, seg)
+    return loss.detach(), list(torch.autograd.grad(loss, final))
+
+
+def grad_unroll(student: Student, images: torch.Tensor, step_size: torch.Tensor, seg: Segment,
+                plans: list[StepPlan]) -> torch.Tensor:
+    final = student.run(_leaves(seg.start), images, step_size, plans, create_graph=True)
+    loss = match_loss(final, seg)
+    loss.backward(inputs=[images, step_size])
+    return loss.detach()
+
+
+def grad_checkpoint(student: Student, images: torch.Tensor, step_size: torch.Tensor,
+                    seg: Segment, plans: list[StepPlan], num_segments: int) -> torch.Tensor:
+    n = len(plans)
+    num_segments = num_segments or max(1, round(math.sqrt(n)))
+    bounds = [round(i * n / num_segments) for i in range(num_segments + 1)]
+    boundary_params = []
+    params = [p.detach() for p in seg.start]
+    for a, b in zip(bounds[:-1], bounds[1:]):  # forward: keep only the boundary parameters
+        boundary_params.append(params)
+        params = student.run(params, images.detach(), step_size.detach(), plans[a:b],
+                             create_graph=False)
+    loss, upstream = _loss_and_grad(params, seg)
+    for (a, b), start in reversed(list(zip(zip(bounds[:-1], bounds[1:]), boundary_params))):
+        leaves = _leaves(start)
+        out = student.run(leaves, images, step_size, plans[a:b], create_graph=True)
+        grads = torch.autograd.grad(out, [images, step_size, *leaves], upstream,
+                                    allow_unused=True)
+        _accumulate(images, grads[0])
+        _accumulate(step_size, grads[1])
+        upstream = list(grads[2:])
+    return loss
+
+
+def grad_tesla(student: Student, images: torch.Tensor, step_size: torch.Tensor, seg: Segment,
+               plans: list[StepPlan]) -> torch.Tensor:
+    final = student.run([p.detach() for p in seg.start], images.detach(), step_size.detach(),
+                        plans, create_graph=False)
+    loss, upstream = _loss_and_grad(final, seg)
+    params = [p.detach() for p in seg.start]
+    for plan in plans:  # replay; each step's parameters are constants w.r.t. the images
+        leaves = _leaves(params)
+        _, grads = student.step(leaves, images, step_size, plan, create_graph=True)
+        # theta_N depends on this step through -step_size * g(images): chain with upstream.
+        inner = -step_size * sum((g * u).sum() for g, u in zip(grads, upstream))
+        inner.backward(inputs=[images, step_size])
+        params = [p - step_size.detach() * g.detach() for p, g in zip(params, grads)]
+    return loss
+
+
+def _accumulate(leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
+    if grad is None:
+        return
+    leaf.grad = grad.clone() if leaf.grad is None else leaf.grad + grad
+
+
+class Distiller:
+    """Holds the synthetic set and its optimisers; `step()` runs one iteration."""
+
+    def __init__(self, spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
+                 labels: torch.Tensor, cfg: DistillConfig, aug: Augmenter, seed: int,
+                 device: str = "cpu"):
+        if not trajectories:
+            raise FormatError("no expert trajectories to distill from")
+        self.spec, self.trajectories, self.cfg, self.seed = spec, trajectories, cfg, seed
+        self.aug, self.device = aug, device
+        self.images = images.detach().clone().to(device).requires_grad_()
+        self.labels = labels.to(device)
+        self.step_size = torch.tensor(cfg.lr_teacher, device=device).requires_grad_()
+        self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
+        self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
+        self.student = Student(spec, self.labels, aug)
+        self.iteration = 0
+        self.bad_streak = 0
+
+    def compute_grads(self, seg: Segment, plans: list[StepPlan]) -> torch.Tensor:
+        """Fill images.grad and step_size.grad for one segment; returns the loss."""
+        mode = self.cfg.grad_mode
+        if mode == "unroll":
+            return grad_unroll(self.student, self.images, self.step_size, seg, plans)
+        if mode == "checkpoint":
+            return grad_checkpoint(self.student, self.images, self.step_size, seg, plans,
+                                   self.cfg.checkpoint_segments)
+        return grad_tesla(self.student, self.images, self.step_size, seg, plans)
+
+    def step(self) -> StepResult:
+        gen = generator(self.seed, "distill", self.iteration)
+        seg = sample_segment(self.trajectories, self.cfg, gen, self.device)
+        plans = plan_unroll(len(self.images), self.cfg.batch_syn, self.cfg.syn_steps,
+                            self.images.shape[-1], self.aug, gen)
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+        loss = self.compute_grads(seg, plans)
+        finite = bool(torch.isfinite(loss)) and all(
+            p.grad is not None and bool(torch.isfinite(p.grad).all())
+            for p in (self.images, self.step_size))
+        if finite:
+            self.opt_img.step()
+            self.opt_lr.step()
+            with torch.no_grad():
+                self.step_size.clamp_(min=self.cfg.min_step_size)
+            self.bad_streak = 0
+        else:
+            self.bad_streak += 1
+            log.warning("iteration %d: non-finite matching loss or gradient; update skipped "
+                        "(%d in a row)", self.iteration, self.bad_streak)
+            if self.bad_streak >= self.cfg.max_bad_steps:
+                raise DivergenceError(
+                    f"distillation diverged: {self.bad_streak} non-finite matching losses in a "
+                    f"row at iteration {self.iteration}; the last good synthetic set is kept "
+                    "(try a smaller distill.lr_img or distill.lr_teacher)")
+        result = StepResult(self.iteration, float(loss), float(self.step_size.detach()),
+                            seg.start_epoch, not finite)
+        self.iteration += 1
+        return result
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return (self.images.detach().cpu().clone(), self.labels.cpu().clone(),
+                float(self.step_size.detach()))
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "bad_streak": self.bad_streak,
+                "images": self.images.detach().cpu().clone(),
+                "labels": self.labels.cpu().clone(),
+                "step_size": self.step_size.detach().cpu().clone(),
+                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["images"].shape) != tuple(self.images.shape):
+            raise FormatError(f"distillation state has images {tuple(state['images'].shape)}, "
+                              f"the config makes {tuple(self.images.shape)}")
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+            self.step_size.copy_(state["step_size"])
+        self.labels.copy_(state["labels"])
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.iteration = int(state["iteration"])
+        self.bad_streak = int(state["bad_streak"])
+        self.seed = int(state["seed"])

@@ -1,0 +1,97 @@
+"""Train one expert on real data and return its convex trajectory (and, optionally, the full one).
+
+Only the per-epoch, per-tensor step norms ||theta_l(k+1) - theta_l(k)|| are accumulated
+(paper sec. 4.1): the previous epoch's parameters are the one copy kept, so memory does not
+grow with K. Anchor epochs (for a piecewise path) and, with `keep_full`, every epoch are
+the only extra copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mct_ray.augment import Augmenter
+from mct_ray.config import ExpertConfig
+from mct_ray.data import ImageData
+from mct_ray.nets import ConvNet, NetSpec
+from mct_ray.rng import derive_seed, generator
+from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, beta_from_step_norms, flatten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    expert_id: int
+    convex: ConvexTrajectory
+    full: FullTrajectory | None
+    init_seed: int  # regenerates theta(0) through spec.init_params
+    test_acc: float
+
+
+def init_seed(seed: int, expert_id: int) -> int:
+    return derive_seed(seed, "expert-init", expert_id)
+
+
+@torch.no_grad()
+def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+    net.eval()
+    device = next(net.parameters()).device
+    correct = sum(int((net(x[i:i + batch].to(device)).argmax(1) == y[i:i + batch].to(device))
+                      .sum()) for i in range(0, len(x), batch))
+    net.train()
+    return correct / len(x)
+
+
+def train_epoch(net: ConvNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                batch: int, aug: Augmenter, gen: torch.Generator) -> float:
+    """One pass over (x, y) in shuffled minibatches; returns the mean loss."""
+    device = next(net.parameters()).device
+    order = torch.randperm(len(x), generator=gen)
+    total = 0.0
+    for idx in order.split(batch):
+        xb = aug(x[idx], gen).to(device)
+        loss = F.cross_entropy(net(xb), y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(x)
+
+
+def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augmenter, seed: int,
+                 expert_id: int, device: str = "cpu") -> ExpertResult:
+    theta_seed = init_seed(seed, expert_id)
+    net = ConvNet(spec, spec.init_params(torch.Generator().manual_seed(theta_seed))).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    gen = generator(seed, "expert-batches", expert_id)
+    anchor_epochs = (0, *cfg.anchors, cfg.epochs)
+
+    def snapshot() -> torch.Tensor:
+        return flatten([p.detach() for p in net.params]).cpu().clone()
+
+    prev = [p.detach().clone() for p in net.params]
+    anchors, checkpoints = [snapshot()], [snapshot()] if cfg.keep_full else []
+    step_norms = torch.zeros(cfg.epochs, len(prev), dtype=torch.float64)  # (K, T)
+    for epoch in range(cfg.epochs):
+        loss = train_epoch(net, opt, data.train_x, data.train_y, cfg.batch, aug, gen)
+        with torch.no_grad():
+            for i, (p, q) in enumerate(zip(net.params, prev)):
+                step_norms[epoch, i] = torch.linalg.vector_norm((p - q).double())
+                q.copy_(p)
+        if epoch + 1 in anchor_epochs[1:]:
+            anchors.append(snapshot())
+        if cfg.keep_full:
+            checkpoints.append(snapshot())
+        log.debug("expert %d epoch %d loss %.4f", expert_id, epoch, loss)
+    acc = accuracy(net, data.test_x, data.test_y)
+    info = {"expert_id": expert_id, "seed": seed, "test_acc": acc, "data": data.name}
+    convex = ConvexTrajectory(spec, anchor_epochs, torch.stack(anchors),
+                              beta_from_step_norms(step_norms).float(), info)
+    full = FullTrajectory(spec, torch.stack(checkpoints), info) if cfg.keep_full else None
+    return ExpertResult(expert_id, convex, full, theta_seed, acc)

@@ -1,0 +1,215 @@
+"""The one owner of the file schemas: trajectories, synthetic sets, distillation state.
+
+Every file is safetensors (loading runs no code) whose string metadata holds the format name,
+the schema version, the network description and a sha256 over the metadata and the tensor
+bytes. `pack` / `unpack` are the only functions that know this envelope; the typed
+save/load pairs below build on them. Readers check format, version, checksum, and (when
+asked) that the network matches the one the caller expects, and raise FormatError otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mct_ray.errors import FormatError
+from mct_ray.nets import NetSpec
+from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, Trajectory, flatten
+
+VERSION = 1
+TRAJECTORY = "mct-ray-trajectory"
+SYNTHETIC = "mct-ray-synthetic"
+STATE = "mct-ray-distill-state"
+
+
+def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def pack(fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """Serialise tensors with JSON-encoded metadata under a versioned, checksummed header."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": fmt, "version": str(VERSION)}
+    header.update({k: json.dumps(v) for k, v in meta.items()})
+    header["sha256"] = _checksum(header, tensors)
+    return st_save(tensors, metadata=header)
+
+
+def read_header(data: bytes, name: str) -> dict[str, str]:
+    """The metadata of a safetensors byte string, without loading any tensor."""
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+        return dict(header.get("__metadata__") or {})
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise FormatError(f"{name}: not a safetensors file (corrupt or truncated)") from None
+
+
+def unpack(data: bytes, fmt: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of `pack`; checks format, version and checksum."""
+    header = read_header(data, name)
+    if header.get("format") != fmt:
+        raise FormatError(f"{name}: expected a {fmt} file, found format "
+                          f"{header.get('format', 'none')!r}")
+    if header.get("version") != str(VERSION):
+        raise FormatError(f"{name}: {fmt} version {header.get('version')!r} is not supported "
+                          f"(this mct-ray reads version {VERSION})")
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types for bad bodies
+        raise FormatError(f"{name}: corrupt tensor data ({exc})") from None
+    stored = header.pop("sha256", None)
+    if stored != _checksum(header, tensors):
+        raise FormatError(f"{name}: checksum mismatch (the file is corrupt or was modified)")
+    meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
+    return tensors, meta
+
+
+def _check_spec(name: str, found: NetSpec, expected: NetSpec | None) -> None:
+    if expected is not None and found != expected:
+        diffs = ", ".join(f"{k} {a!r} != {b!r}" for k, a, b in
+                          ((k, found.to_dict()[k], expected.to_dict()[k])
+                           for k in found.to_dict()) if a != b)
+        raise FormatError(f"{name}: network does not match the config ({diffs})")
+
+
+def _spec_from(meta: dict, name: str) -> NetSpec:
+    try:
+        return NetSpec.from_dict(meta["net"])
+    except (KeyError, TypeError):
+        raise FormatError(f"{name}: missing or malformed network description") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Trajectories.
+
+def save_trajectory(traj: Trajectory, init_seed: int | None = None) -> bytes:
+    """Serialise a trajectory. With `init_seed` (convex only), theta(0) is stored as the
+    seed that regenerates it plus a checksum of its bytes, instead of the tensor itself."""
+    meta: dict[str, Any] = {"net": traj.spec.to_dict(), "info": traj.info}
+    if isinstance(traj, FullTrajectory):
+        meta["kind"] = "full"
+        return pack(TRAJECTORY, {"checkpoints": traj.checkpoints}, meta)
+    meta.update(kind="convex", anchor_epochs=list(traj.anchor_epochs))
+    tensors = {"beta": traj.beta.float()}
+    if init_seed is None:
+        tensors["anchors"] = traj.anchors
+    else:
+        regenerated = flatten(traj.spec.init_params(torch.Generator().manual_seed(init_seed)))
+        if not torch.equal(regenerated, traj.anchors[0]):
+            raise FormatError("theta(0) is not the network initialisation of the given seed")
+        meta["init_seed"] = init_seed
+        meta["init_sha256"] = hashlib.sha256(traj.anchors[0].numpy().tobytes()).hexdigest()
+        tensors["anchors"] = traj.anchors[1:]
+    return pack(TRAJECTORY, tensors, meta)
+
+
+def load_trajectory(data: bytes, name: str, expected: NetSpec | None = None) -> Trajectory:
+    tensors, meta = unpack(data, TRAJECTORY, name)
+    spec = _spec_from(meta, name)
+    _check_spec(name, spec, expected)
+    num_params, num_tensors = spec.num_params, len(spec.param_shapes())
+    kind = meta.get("kind")
+    try:
+        if kind == "full":
+            ckpt = tensors["checkpoints"]
+            if ckpt.ndim != 2 or ckpt.shape[1] != num_params or ckpt.dtype != torch.float32:
+                raise FormatError(f"{name}: checkpoints of shape {tuple(ckpt.shape)} do not "
+                                  f"fit the network ({num_params} parameters)")
+            return FullTrajectory(spec, ckpt, meta.get("info", {}))
+        if kind != "convex":
+            raise FormatError(f"{name}: unknown trajectory kind {kind!r}")
+        epochs = tuple(int(e) for e in meta["anchor_epochs"])
+        anchors, beta = tensors["anchors"], tensors["beta"]
+        if "init_seed" in meta:
+            anchors = torch.cat([_regenerate_init(spec, meta, name)[None], anchors])
+    except KeyError as exc:
+        raise FormatError(f"{name}: missing entry {exc}") from None
+    if anchors.shape != (len(epochs), num_params) or beta.shape != (num_tensors, epochs[-1] + 1):
+        raise FormatError(f"{name}: shapes anchors {tuple(anchors.shape)} / beta "
+                          f"{tuple(beta.shape)} do not fit the network and {epochs[-1]} epochs")
+    if not (torch.isfinite(anchors).all() and torch.isfinite(beta).all()):
+        raise FormatError(f"{name}: non-finite values in the trajectory")
+    return ConvexTrajectory(spec, epochs, anchors, beta, meta.get("info", {}))
+
+
+def _regenerate_init(spec: NetSpec, meta: dict, name: str) -> torch.Tensor:
+    theta0 = flatten(spec.init_params(torch.Generator().manual_seed(int(meta["init_seed"]))))
+    if hashlib.sha256(theta0.numpy().tobytes()).hexdigest() != meta["init_sha256"]:
+        raise FormatError(f"{name}: theta(0) regenerated from its seed does not match the "
+                          "stored checksum on this platform; re-save the experts with "
+                          "expert.store_init_as_seed=false")
+    return theta0
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic sets.
+
+def save_synthetic(images: torch.Tensor, labels: torch.Tensor, step_size: float,
+                   spec: NetSpec, info: dict) -> bytes:
+    return pack(SYNTHETIC, {"images": images.float(), "labels": labels.long()},
+                {"net": spec.to_dict(), "step_size": float(step_size), "info": info})
+
+
+def load_synthetic(data: bytes, name: str, expected: NetSpec | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    tensors, meta = unpack(data, SYNTHETIC, name)
+    _check_spec(name, _spec_from(meta, name), expected)
+    try:
+        images, labels, step = tensors["images"], tensors["labels"], float(meta["step_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{name}: missing entry {exc}") from None
+    if images.ndim != 4 or labels.shape != (len(images),):
+        raise FormatError(f"{name}: images {tuple(images.shape)} and labels "
+                          f"{tuple(labels.shape)} do not match")
+    return images, labels, step, meta.get("info", {})
+
+
+# ---------------------------------------------------------------------------------------
+# Distillation state (nested dicts of tensors and JSON values, e.g. optimiser states).
+
+def save_state(state: dict) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+
+    def strip(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            return {"__dict__": [[strip(k, f"{path}.k{i}"), strip(v, f"{path}.{i}")]
+                                 for i, (k, v) in enumerate(node.items())]}
+        if isinstance(node, (list, tuple)):
+            return [strip(v, f"{path}.{i}") for i, v in enumerate(node)]
+        return node
+
+    tree = strip(state, "s")
+    return pack(STATE, tensors, {"tree": tree})
+
+
+def load_state(data: bytes, name: str) -> dict:
+    tensors, meta = unpack(data, STATE, name)
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, dict) and "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if isinstance(node, dict) and "__dict__" in node:
+            return {fill(k): fill(v) for k, v in node["__dict__"]}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
+        return node
+
+    try:
+        return fill(meta["tree"])
+    except (KeyError, TypeError) as exc:
+        raise FormatError(f"{name}: malformed state ({exc})") from None

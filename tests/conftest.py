@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny digits setup that runs the whole path on CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+torch.set_num_threads(1)
+
+TINY = [
+    "net.width=8", "net.depth=1",
+    "expert.num_experts=2", "expert.epochs=4", "expert.batch=256",
+    "distill.iterations=4", "distill.syn_steps=3", "distill.max_start_epoch=2",
+    "distill.expert_epochs=1", "distill.lr_img=10",
+    "eval.every=2", "eval.num_eval=1", "eval.epochs=3",
+    "run.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from mct_ray.config import load_config
+
+    return load_config("digits", TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_ctx(tiny_cfg):
+    from mct_ray.pipeline import Context
+
+    return Context.build(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_experts(tiny_ctx):
+    """Two experts with full trajectories kept (for MTT and for checks against checkpoints)."""
+    from mct_ray.experts import train_expert
+
+    cfg = tiny_ctx.cfg.replace(**{"expert.keep_full": True, "expert.anchors": [2]})
+    return [train_expert(tiny_ctx.spec, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, i)
+            for i in range(2)]

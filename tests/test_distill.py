@@ -1,0 +1,244 @@
+"""The matching step against independent computations: a hand-written float64 SGD loop,
+finite differences, the exact modes against each other, the sampling ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mct_ray.augment import Augmenter
+from mct_ray.config import AugmentConfig
+from mct_ray.distill import (Distiller, Segment, Student, grad_checkpoint, grad_tesla,
+                             grad_unroll, match_loss, plan_unroll, sample_segment)
+from mct_ray.errors import DivergenceError
+from mct_ray.nets import ConvNet, NetSpec
+from mct_ray.rng import generator
+from mct_ray.trajectory import unflatten
+
+SPEC = NetSpec("convnet", channels=1, resolution=8, num_classes=3, width=4, depth=1,
+               norm="instancenorm")
+
+
+def problem(dtype=torch.float64, num_steps=4, batch=4, augment=True, seed=0):
+    """A small random synthetic set, start/target points and a replayable step plan."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(6, 1, 8, 8, generator=gen, dtype=dtype)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    start = [p.to(dtype) for p in SPEC.init_params(gen)]
+    target = [p + 0.05 * torch.randn(p.shape, generator=gen, dtype=dtype) for p in start]
+    seg = Segment(0, 0.0, 1.0, start, target)
+    aug = Augmenter(AugmentConfig(enabled=augment, mode="all"))
+    plans = plan_unroll(6, batch, num_steps, 8, aug, gen)
+    return images, labels, seg, aug, plans
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_()
+
+
+def test_unroll_matches_hand_written_sgd_loop():
+    images, labels, seg, aug, plans = problem()
+    step_size = 0.1
+    # Hand loop: an nn.Module, loss.backward(), and a manual in-place update, in float64.
+    net = ConvNet(SPEC, seg.start).double()
+    for plan in plans:
+        x = aug.apply(images[plan.indices], plan.aug)
+        loss = F.cross_entropy(net(x), labels[plan.indices])
+        net.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in net.params:
+                p -= step_size * p.grad
+    student = Student(SPEC, labels, aug)
+    final = student.run([leaf(p) for p in seg.start], leaf(images),
+                        torch.tensor(step_size, dtype=torch.float64), plans, create_graph=True)
+    for ours, theirs in zip(final, net.params):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_match_loss_is_normalised_distance():
+    _, _, seg, _, _ = problem()
+    final = [t + 0.5 * (s - t) for s, t in zip(seg.start, seg.target)]  # halfway back
+    num = sum(float(((f - t) ** 2).sum()) for f, t in zip(final, seg.target))
+    den = sum(float(((s - t) ** 2).sum()) for s, t in zip(seg.start, seg.target))
+    assert float(match_loss(final, seg)) == pytest.approx(num / den, rel=1e-12)
+    assert float(match_loss(final, seg)) == pytest.approx(0.25, rel=1e-12)
+    assert float(match_loss(seg.start, seg), ) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_unroll_gradient_matches_finite_differences():
+    images, labels, seg, aug, plans = problem(num_steps=3)
+    student = Student(SPEC, labels, aug)
+    x, lr = leaf(images), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    grad_unroll(student, x, lr, seg, plans)
+
+    def loss_at(imgs, step):
+        final = student.run([leaf(p) for p in seg.start], leaf(imgs),
+                            torch.tensor(step, dtype=torch.float64), plans, create_graph=False)
+        return float(match_loss(final, seg))
+
+    eps = 1e-6
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        direction = torch.randn(images.shape, generator=gen, dtype=torch.float64)
+        fd = (loss_at(images + eps * direction, 0.1) - loss_at(images - eps * direction, 0.1))
+        fd /= 2 * eps
+        assert float((x.grad * direction).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    fd_lr = (loss_at(images, 0.1 + eps) - loss_at(images, 0.1 - eps)) / (2 * eps)
+    assert float(lr.grad) == pytest.approx(fd_lr, rel=1e-5)
+
+
+def grads_of(mode, dtype=torch.float32, num_steps=6, **kw):
+    images, labels, seg, aug, plans = problem(dtype=dtype, num_steps=num_steps)
+    student = Student(SPEC, labels, aug)
+    x, lr = leaf(images), torch.tensor(0.1, dtype=dtype, requires_grad=True)
+    if mode == "unroll":
+        loss = grad_unroll(student, x, lr, seg, plans)
+    elif mode == "checkpoint":
+        loss = grad_checkpoint(student, x, lr, seg, plans, **kw)
+    else:
+        loss = grad_tesla(student, x, lr, seg, plans)
+    return float(loss), x.grad, lr.grad
+
+
+@pytest.mark.parametrize("segments", [0, 1, 2, 4, 6])
+def test_checkpoint_equals_unroll(segments):
+    loss_u, gx_u, glr_u = grads_of("unroll")
+    loss_c, gx_c, glr_c = grads_of("checkpoint", num_segments=segments)
+    assert loss_c == pytest.approx(loss_u, rel=1e-6)
+    rel = float((gx_c - gx_u).norm() / gx_u.norm())
+    assert rel <= 1e-5, rel
+    assert float(glr_c) == pytest.approx(float(glr_u), rel=1e-5)
+
+
+def test_tesla_is_exact_for_one_step_and_an_approximation_after():
+    _, gx_u, glr_u = grads_of("unroll", dtype=torch.float64, num_steps=1)
+    _, gx_t, glr_t = grads_of("tesla", dtype=torch.float64, num_steps=1)
+    torch.testing.assert_close(gx_t, gx_u, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(glr_t, glr_u, rtol=1e-10, atol=1e-12)
+    # Over several steps it drops the dependence of later steps on earlier images:
+    # close in direction, not equal.
+    _, gx_u, _ = grads_of("unroll", dtype=torch.float64, num_steps=6)
+    _, gx_t, _ = grads_of("tesla", dtype=torch.float64, num_steps=6)
+    cos = float(F.cosine_similarity(gx_u.flatten(), gx_t.flatten(), dim=0))
+    assert 0.5 < cos < 1 - 1e-9, cos
+
+
+def test_augmentation_replays_exactly():
+    images, _, _, aug, plans = problem(dtype=torch.float32)
+    x = images[plans[0].indices]
+    assert torch.equal(aug.apply(x, plans[0].aug), aug.apply(x, plans[0].aug))
+    gen_a, gen_b = generator(0, "t", 1), generator(0, "t", 1)
+    assert torch.equal(aug(images, gen_a), aug(images, gen_b))
+
+
+def trajectories_of(tiny_experts, method):
+    return [r.convex if method == "mct" else r.full for r in tiny_experts]
+
+
+def test_mct_samples_continuous_starts_in_range(tiny_experts, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.distill, method="mct", max_start_epoch=2.5,
+                              expert_epochs=1.5)
+    trajs = trajectories_of(tiny_experts, "mct")
+    starts, experts = [], set()
+    for i in range(300):
+        seg = sample_segment(trajs, cfg, generator(0, "s", i), "cpu")
+        assert 0.0 <= seg.start_epoch <= 2.5
+        assert seg.target_epoch == pytest.approx(min(seg.start_epoch + 1.5, 4))
+        starts.append(seg.start_epoch)
+        experts.add(seg.expert)
+    assert experts == {0, 1}
+    assert sum(s != int(s) for s in starts) == len(starts)  # not snapped to epochs
+    assert min(starts) < 0.25 and max(starts) > 2.25  # covers the range
+    # Start/target are the trajectory's points at those epochs.
+    seg = sample_segment(trajs, cfg, generator(0, "s", 0), "cpu")
+    traj = trajs[seg.expert]
+    assert torch.equal(torch.cat([p.flatten() for p in seg.start]), traj.point(seg.start_epoch))
+
+
+def test_mct_target_is_clamped_to_the_last_epoch(tiny_experts, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.distill, method="mct", max_start_epoch=3.9,
+                              expert_epochs=3.0)
+    trajs = trajectories_of(tiny_experts, "mct")
+    for i in range(50):
+        seg = sample_segment(trajs, cfg, generator(1, "s", i), "cpu")
+        assert seg.target_epoch == min(seg.start_epoch + 3.0, 4)
+
+
+def test_mtt_samples_whole_epochs(tiny_experts, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg.distill, method="mtt", max_start_epoch=2,
+                              expert_epochs=2)
+    trajs = trajectories_of(tiny_experts, "mtt")
+    starts = {sample_segment(trajs, cfg, generator(0, "m", i), "cpu").start_epoch
+              for i in range(100)}
+    assert starts == {0.0, 1.0, 2.0}
+
+
+def make_distiller(tiny_ctx, tiny_experts, **overrides) -> Distiller:
+    from mct_ray.pipeline import make_distiller as build
+
+    cfg = tiny_ctx.cfg.replace(**{f"distill.{k}": v for k, v in overrides.items()})
+    ctx = dataclasses.replace(tiny_ctx, cfg=cfg)
+    return build(ctx, trajectories_of(tiny_experts, cfg.distill.method))
+
+
+def test_state_dict_resumes_exactly(tiny_ctx, tiny_experts):
+    ref = make_distiller(tiny_ctx, tiny_experts)
+    for _ in range(4):
+        ref.step()
+    first = make_distiller(tiny_ctx, tiny_experts)
+    for _ in range(2):
+        first.step()
+    from mct_ray import formats
+
+    state = formats.load_state(formats.save_state(first.state_dict()), "state")
+    resumed = make_distiller(tiny_ctx, tiny_experts)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        resumed.step()
+    assert torch.equal(resumed.images, ref.images)
+    assert torch.equal(resumed.step_size, ref.step_size)
+
+
+def test_non_finite_loss_skips_update_then_stops(tiny_ctx, tiny_experts, caplog, monkeypatch):
+    distiller = make_distiller(tiny_ctx, tiny_experts, max_bad_steps=3)
+    distiller.step()
+    good = distiller.images.detach().clone()
+    monkeypatch.setattr(distiller, "compute_grads",
+                        lambda seg, plans: torch.tensor(float("nan")))
+    with caplog.at_level(logging.WARNING):
+        result = distiller.step()
+    assert result.skipped and "non-finite" in caplog.text
+    assert torch.equal(distiller.images, good)
+    distiller.step()
+    with pytest.raises(DivergenceError, match="3 non-finite matching losses in a row"):
+        distiller.step()
+    assert torch.equal(distiller.images, good)
+
+
+@pytest.mark.parametrize("mode", ["unroll", "checkpoint", "tesla"])
+def test_every_mode_lowers_the_matching_loss(tiny_ctx, tiny_experts, mode):
+    """Sanity of the whole update: repeated steps on one segment reduce its loss."""
+    distiller = make_distiller(tiny_ctx, tiny_experts, grad_mode=mode, lr_img=100.0)
+    gen = generator(0, "fixed")
+    seg = sample_segment(distiller.trajectories, distiller.cfg, gen, "cpu")
+    plans = plan_unroll(len(distiller.images), 0, 3, 8, Augmenter(AugmentConfig(enabled=False)),
+                        gen)
+    losses = []
+    for _ in range(5):
+        distiller.opt_img.zero_grad()
+        distiller.opt_lr.zero_grad()
+        losses.append(float(distiller.compute_grads(seg, plans)))
+        distiller.opt_img.step()
+    assert losses[-1] < losses[0]
+
+
+def test_unflatten_round_trip():
+    flat = torch.arange(SPEC.num_params, dtype=torch.float32)
+    parts = unflatten(SPEC, flat)
+    assert [tuple(p.shape) for p in parts] == [s for _, s in SPEC.param_shapes()]
+    assert torch.equal(torch.cat([p.flatten() for p in parts]), flat)
