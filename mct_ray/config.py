@@ -184,6 +184,11 @@ def _coerce(key: str, value: Any, typ: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     elif typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 and nan as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         value = float(value)

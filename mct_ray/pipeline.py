@@ -19,7 +19,7 @@ from mct_ray.augment import Augmenter
 from mct_ray.config import Config
 from mct_ray.data import ImageData, load_data
 from mct_ray.distill import Distiller, init_synthetic
-from mct_ray.errors import DataError, DivergenceError
+from mct_ray.errors import DataError
 from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
 from mct_ray.nets import NetSpec, make_spec
@@ -184,12 +184,9 @@ def run_distillation(ctx: Context, store: Storage, trajectories: list[Trajectory
             save_checkpoint(store, ctx, distiller, outcome)
         if it >= cfg.distill.iterations:
             break
-        try:
-            step = distiller.step()
-        except DivergenceError:
-            # Skipped updates never touch the images: the current set is the last good one.
-            _save_synthetic(store, layout.LAST, ctx, distiller.snapshot(), distiller.iteration)
-            raise
+        # A DivergenceError propagates: synthetic.safetensors (best evaluated) and the
+        # last checkpoint stay on disk as they were.
+        step = distiller.step()
         if not step.skipped:
             losses.append(step.loss)
         bar.update(1)

@@ -49,7 +49,7 @@ def image_grid_png(images: torch.Tensor, labels: torch.Tensor, info: dict,
             ax = axes[row][col]
             ax.axis("off")
             if row < len(idx):
-                img = x[idx[row]]
+                img = x[idx[row]].numpy()
                 ax.imshow(img[..., 0] if img.shape[-1] == 1 else img,
                           cmap="gray" if img.shape[-1] == 1 else None)
         axes[0][col].set_title(str(col), fontsize=8)

@@ -1,0 +1,77 @@
+"""Config tree: recipes, overrides, validation messages, frozen values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mct_ray.config import config_from_json, load_config, recipe_names
+from mct_ray.errors import ConfigError
+
+
+def test_all_shipped_recipes_load():
+    names = recipe_names()
+    for ipc in (1, 10, 50):
+        for data in ("cifar10", "cifar100", "tinyimagenet"):
+            assert f"{data}-ipc{ipc}" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.recipe == name
+
+
+def test_recipes_carry_the_reference_hyperparameters():
+    c1, c10, c50 = (load_config(f"cifar10-ipc{i}").distill for i in (1, 10, 50))
+    assert (c1.syn_steps, c10.syn_steps, c50.syn_steps) == (50, 30, 30)
+    assert (c1.expert_epochs, c10.expert_epochs, c50.expert_epochs) == (5, 6, 6)  # MCT paper
+    assert (c1.max_start_epoch, c10.max_start_epoch, c50.max_start_epoch) == (2, 20, 40)
+    assert (c1.lr_img, c10.lr_img, c50.lr_img) == (100, 100, 1000)
+    assert (c1.lr_lr, c10.lr_lr, c50.lr_lr) == (1e-7, 1e-5, 1e-5)
+    assert (c1.lr_teacher, c10.lr_teacher, c50.lr_teacher) == (0.01, 0.001, 0.001)
+    assert [load_config(f"cifar10-ipc{i}").data.zca for i in (1, 10, 50)] == [True, True, False]
+    assert load_config("tinyimagenet-ipc1").net.depth in (0, 4)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("digits", ["distill.ipc=10", "seed=3", "distill.lr_lr=1e-6",
+                                 "expert.anchors=[2, 5]", "augment.enabled=false"])
+    assert cfg.distill.ipc == 10 and cfg.seed == 3 and cfg.distill.lr_lr == 1e-6
+    assert cfg.expert.anchors == (2, 5) and cfg.augment.enabled is False
+
+
+def test_config_is_frozen_and_round_trips_through_json():
+    cfg = load_config("digits", ["seed=5"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1
+    assert config_from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.ipcc=1", "unknown config key 'distill.ipcc'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("distill.ipc=0", "config key 'distill.ipc' must be in [1, 100000]"),
+    ("distill.ipc=1.5", "config key 'distill.ipc' must be an integer"),
+    ("distill.method=foo", "config key 'distill.method' must be one of mct, mtt"),
+    ("distill.grad_mode=fast", "config key 'distill.grad_mode' must be one of"),
+    ("distill.lr_img=nan", "config key 'distill.lr_img' must be finite"),
+    ("augment.enabled=maybe", "config key 'augment.enabled' must be true or false"),
+    ("distill=3", "config key 'distill' is a section"),
+    ("distill.max_start_epoch=40", "must be below expert.epochs"),
+    ("expert.anchors=[50]", "config key 'expert.anchors' must be increasing"),
+    ("ipc", "must look like key=value"),
+])
+def test_bad_values_name_the_key_and_the_allowed_range(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("digits", [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_mtt_needs_whole_epochs():
+    with pytest.raises(ConfigError, match="whole number for method mtt"):
+        load_config("digits", ["distill.method=mtt", "distill.expert_epochs=1.5"])
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown recipe 'cifar11'.*digits"):
+        load_config("cifar11")
