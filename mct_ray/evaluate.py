@@ -16,6 +16,7 @@ import torch
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, EvalConfig
 from mct_ray.data import ImageData
+from mct_ray.distill import init_synthetic
 from mct_ray.experts import accuracy, train_epoch
 from mct_ray.nets import ConvNet, NetSpec
 from mct_ray.rng import derive_seed, generator
@@ -68,7 +69,5 @@ def evaluate(spec: NetSpec, images: torch.Tensor, labels: torch.Tensor, lr: floa
 
 def random_real(data: ImageData, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ipc random real training images per class (the 'Random' row of the paper's Table 1)."""
-    from mct_ray.distill import init_synthetic
-
     return init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
                           generator(seed, "baseline"))
