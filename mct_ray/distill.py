@@ -118,20 +118,26 @@ class Student:
         self.spec, self.labels, self.aug = spec, labels, aug
 
     def step(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
-             plan: StepPlan, create_graph: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One SGD step; returns (new parameters, gradients)."""
+             plan: StepPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One SGD step, differentiable; returns (new parameters, gradients).
+
+        Gradients always take the double-differentiable path (create_graph=True), also when
+        the caller drops the graph: the fused first-order kernels (e.g. group norm's) round
+        differently, and the recomputing modes must reproduce the forward pass bit for bit.
+        """
         x = self.aug.apply(images[plan.indices], plan.aug)
         loss = F.cross_entropy(self.spec.forward(params, x), self.labels[plan.indices])
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
         return [p - step_size * g for p, g in zip(params, grads)], list(grads)
 
     def run(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
-            plans: list[StepPlan], create_graph: bool) -> list[torch.Tensor]:
+            plans: list[StepPlan], keep_graph: bool) -> list[torch.Tensor]:
+        """N steps; with keep_graph=False the graph is dropped after every step."""
         for plan in plans:
-            if not create_graph:
-                params = [p.detach().requires_grad_() for p in params]
-            params, _ = self.step(params, images, step_size, plan, create_graph)
-        return [p if create_graph else p.detach() for p in params]
+            if not keep_graph:
+                params = _leaves(params)
+            params, _ = self.step(params, images, step_size, plan)
+        return params if keep_graph else [p.detach() for p in params]
 
 
 def _leaves(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -148,7 +154,7 @@ def _loss_and_grad(final: list[torch.Tensor], seg: Segment
 
 def grad_unroll(student: Student, images: torch.Tensor, step_size: torch.Tensor, seg: Segment,
                 plans: list[StepPlan]) -> torch.Tensor:
-    final = student.run(_leaves(seg.start), images, step_size, plans, create_graph=True)
+    final = student.run(_leaves(seg.start), images, step_size, plans, keep_graph=True)
     loss = match_loss(final, seg)
     loss.backward(inputs=[images, step_size])
     return loss.detach()
@@ -164,11 +170,11 @@ def grad_checkpoint(student: Student, images: torch.Tensor, step_size: torch.Ten
     for a, b in zip(bounds[:-1], bounds[1:]):  # forward: keep only the boundary parameters
         boundary_params.append(params)
         params = student.run(params, images.detach(), step_size.detach(), plans[a:b],
-                             create_graph=False)
+                             keep_graph=False)
     loss, upstream = _loss_and_grad(params, seg)
     for (a, b), start in reversed(list(zip(zip(bounds[:-1], bounds[1:]), boundary_params))):
         leaves = _leaves(start)
-        out = student.run(leaves, images, step_size, plans[a:b], create_graph=True)
+        out = student.run(leaves, images, step_size, plans[a:b], keep_graph=True)
         grads = torch.autograd.grad(out, [images, step_size, *leaves], upstream,
                                     allow_unused=True)
         _accumulate(images, grads[0])
@@ -179,13 +185,13 @@ def grad_checkpoint(student: Student, images: torch.Tensor, step_size: torch.Ten
 
 def grad_tesla(student: Student, images: torch.Tensor, step_size: torch.Tensor, seg: Segment,
                plans: list[StepPlan]) -> torch.Tensor:
-    final = student.run([p.detach() for p in seg.start], images.detach(), step_size.detach(),
-                        plans, create_graph=False)
+    final = student.run(seg.start, images.detach(), step_size.detach(), plans,
+                        keep_graph=False)
     loss, upstream = _loss_and_grad(final, seg)
     params = [p.detach() for p in seg.start]
     for plan in plans:  # replay; each step's parameters are constants w.r.t. the images
         leaves = _leaves(params)
-        _, grads = student.step(leaves, images, step_size, plan, create_graph=True)
+        _, grads = student.step(leaves, images, step_size, plan)
         # theta_N depends on this step through -step_size * g(images): chain with upstream.
         inner = -step_size * sum((g * u).sum() for g, u in zip(grads, upstream))
         inner.backward(inputs=[images, step_size])

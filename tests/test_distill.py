@@ -55,7 +55,7 @@ def test_unroll_matches_hand_written_sgd_loop():
                 p -= step_size * p.grad
     student = Student(SPEC, labels, aug)
     final = student.run([leaf(p) for p in seg.start], leaf(images),
-                        torch.tensor(step_size, dtype=torch.float64), plans, create_graph=True)
+                        torch.tensor(step_size, dtype=torch.float64), plans, keep_graph=True)
     for ours, theirs in zip(final, net.params):
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
 
@@ -78,7 +78,7 @@ def test_unroll_gradient_matches_finite_differences():
 
     def loss_at(imgs, step):
         final = student.run([leaf(p) for p in seg.start], leaf(imgs),
-                            torch.tensor(step, dtype=torch.float64), plans, create_graph=False)
+                            torch.tensor(step, dtype=torch.float64), plans, keep_graph=False)
         return float(match_loss(final, seg))
 
     eps = 1e-6
@@ -242,3 +242,42 @@ def test_unflatten_round_trip():
     parts = unflatten(SPEC, flat)
     assert [tuple(p.shape) for p in parts] == [s for _, s in SPEC.param_shapes()]
     assert torch.equal(torch.cat([p.flatten() for p in parts]), flat)
+
+
+def test_checkpoint_equals_unroll_over_a_long_float32_unroll():
+    """N=30 in float32: the recomputed segments must replay the forward pass bit for bit
+    (a first-order gradient kernel in the forward pass drifted this to ~1e-3; the drift
+    needs multi-threaded kernels, so this test runs with two threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = _unroll_and_checkpoint_grads()
+    finally:
+        torch.set_num_threads(threads)
+    rel = float((grads["checkpoint"][0] - grads["unroll"][0]).norm() / grads["unroll"][0].norm())
+    assert rel <= 1e-5, rel
+    assert float(grads["checkpoint"][1]) == pytest.approx(float(grads["unroll"][1]), rel=1e-5)
+
+
+def _unroll_and_checkpoint_grads() -> dict:
+    # The CIFAR-10 ConvNet at ipc 1, where the drift showed (smaller nets hid it).
+    spec = NetSpec("convnet", channels=3, resolution=32, num_classes=10, width=128, depth=3,
+                   norm="instancenorm")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(10, 3, 32, 32, generator=gen)
+    labels = torch.arange(10)
+    start = spec.init_params(gen)
+    target = [p + 0.01 * torch.randn(p.shape, generator=gen) for p in start]
+    seg = Segment(0, 0.0, 1.0, start, target)
+    aug = Augmenter(AugmentConfig())
+    plans = plan_unroll(10, 0, 30, 32, aug, gen)
+    grads = {}
+    for mode in ("unroll", "checkpoint"):
+        x, lr = leaf(images), torch.tensor(0.01, requires_grad=True)
+        student = Student(spec, labels, aug)
+        if mode == "unroll":
+            grad_unroll(student, x, lr, seg, plans)
+        else:
+            grad_checkpoint(student, x, lr, seg, plans, 0)
+        grads[mode] = (x.grad, lr.grad)
+    return grads
