@@ -134,8 +134,8 @@ class Student:
             plans: list[StepPlan], keep_graph: bool) -> list[torch.Tensor]:
         """N steps; with keep_graph=False the graph is dropped after every step."""
         for plan in plans:
-            if not keep_graph:
-                params = _leaves(params)
+            if not keep_graph:  # a fresh leaf each step, sharing storage (no copy)
+                params = [p.detach().requires_grad_() for p in params]
             params, _ = self.step(params, images, step_size, plan)
         return params if keep_graph else [p.detach() for p in params]
 

@@ -47,9 +47,6 @@ class ImageData:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # (C, H, W)
 
-    def class_indices(self) -> list[torch.Tensor]:
-        return [torch.nonzero(self.train_y == c).flatten() for c in range(self.num_classes)]
-
 
 LOADERS: dict[str, Callable[[DataConfig], RawSplits]] = {}
 
