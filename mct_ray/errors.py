@@ -29,3 +29,7 @@ class DivergenceError(MctRayError):
     """The distillation produced non-finite losses too many times in a row."""
 
     exit_code = 1
+
+
+class StorageError(MctRayError):
+    """A storage URI cannot be used: endpoint unreachable, bucket missing, access denied."""
