@@ -295,7 +295,7 @@ class Storage:
     def write_bytes(self, name: str, data: bytes) -> None:
         target = self.path(name)
         try:
-            if self.is_local:
+            if self.kind not in ("s3", "gs"):  # a file system: temp name, then rename
                 self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
                 tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
                 with self.fs.open_output_stream(tmp) as out:

@@ -324,3 +324,23 @@ def test_local_check_rejects_a_file_root(tmp_path):
     store = Storage.open(str(tmp_path / "new" / "run"), check=True)
     assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
     assert store.is_local and store.kind == "local"
+
+
+def test_tensorboard_events_reach_s3(aws_env, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mct_ray.tensorboard import TensorBoardLog
+
+    with TensorBoardLog(Storage.open(_uri(aws_env, "run-tb"), check=True)) as log:
+        for it in range(3):
+            log.scalar("distill/loss", 2.0 - it, it)
+        log.image_grid("synthetic", torch.rand(4, 3, 8, 8), 2, nrow=2)
+    (key,) = aws_env.keys("run-tb/tb/")
+    local = tmp_path / "tb"
+    local.mkdir()
+    (local / key.rsplit("/", 1)[1]).write_bytes(
+        aws_env.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    acc = EventAccumulator(str(local))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("distill/loss")] == [(0, 2), (1, 1), (2, 0)]
+    assert [e.step for e in acc.Images("synthetic")] == [2]
