@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -29,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                             ("distill", "distill from the experts of --experts (or --out)"),
                             ("eval", "evaluate <out>/synthetic.safetensors")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--recipe", default="digits", help="named recipe (default: digits)")
+        p.add_argument("--recipe", "--config", dest="recipe", default="digits",
+                       help="named recipe (default: digits) or a .yaml/.json config file")
         p.add_argument("--out", default=None, help="run folder or URI "
                        "(default: runs/<recipe>-<timestamp>)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -41,12 +43,16 @@ def _parser() -> argparse.ArgumentParser:
                            help="continue from <out>/state.safetensors if present")
         if name == "eval":
             p.add_argument("--synthetic", default=None, help="a synthetic .safetensors file")
+        p.add_argument("--local", action="store_true",
+                       help="run in this one process, without Ray (default: on the Ray "
+                       "cluster of RAY_ADDRESS, or a local Ray started for the job)")
     return parser
 
 
 def _config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.recipe, args.overrides)
-    out = args.out or cfg.run.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.recipe.rsplit("/", 1)[-1].split(".")[0]
+    out = args.out or cfg.run.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg.replace(**{"run.out": out})
 
 
@@ -66,7 +72,8 @@ def cmd_distill(cfg: Config, args: argparse.Namespace, ctx=None) -> dict:
     trajectories = pipeline.load_experts(experts, ctx.spec, full=cfg.distill.method == "mtt")
     store.write_json(layout.CONFIG, cfg.to_dict())
     outcome = pipeline.run_distillation(ctx, store, trajectories, resume=args.resume)
-    return pipeline.finish(ctx, store, outcome, started, experts)
+    baseline = pipeline.run_baseline(ctx) if cfg.eval.baseline else None
+    return pipeline.finish(ctx, store, outcome, started, experts, baseline)
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> dict:
@@ -81,19 +88,27 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> dict:
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> dict:
     store = Storage.open(cfg.run.out)
     ctx = pipeline.Context.build(cfg)
-    source = Storage.open(args.synthetic.rsplit("/", 1)[0]) if args.synthetic else store
-    name = args.synthetic.rsplit("/", 1)[-1] if args.synthetic else layout.SYNTHETIC
+    source, name = pipeline.synthetic_source(store, args.synthetic)
     images, labels, step, info = formats.load_synthetic(source.read_bytes(name),
                                                         source.uri_of(name), ctx.spec)
     result = evaluate(ctx.spec, images, labels, step, ctx.data, cfg.eval, cfg.augment,
                       cfg.seed, int(info.get("iteration", 0)), tag="final", device=ctx.device)
-    out = {"acc_mean": result.mean, "acc_std": result.std, "accs": list(result.accs),
-           "num_eval": cfg.eval.num_eval, "epochs": cfg.eval.epochs, "source": source.uri_of(name)}
-    store.write_json("eval.json", out)
-    return out
+    return pipeline.write_eval(store, cfg, result, source.uri_of(name))
 
 
 COMMANDS = {"run": cmd_run, "experts": cmd_experts, "distill": cmd_distill, "eval": cmd_eval}
+
+
+def _commands(local: bool) -> dict:
+    """The single-process commands, or their Ray versions (imported only when used)."""
+    if local:
+        return COMMANDS
+    if not os.environ.get("RAY_ADDRESS"):
+        # A Ray started for one job serves only this machine: keep it on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from mct_ray.runtime.driver import COMMANDS as ray_commands
+
+    return ray_commands
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = _config(args)
-        result = COMMANDS[args.command](cfg, args)
+        result = _commands(args.local)[args.command](cfg, args)
     except MctRayError as exc:
         print(f"mct-ray: error: {exc}", file=sys.stderr)
         return exc.exit_code

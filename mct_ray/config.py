@@ -127,6 +127,24 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """Resources per Ray worker and fault tolerance (ignored by `--local`)."""
+
+    expert_num_cpus: float = _f(1.0, lo=0.0, hi=1024, doc="CPUs per expert worker")
+    expert_num_gpus: float = _f(0.0, lo=0.0, hi=64, doc="GPUs per expert (fractions share)")
+    max_expert_workers: int = _f(0, lo=0, hi=100_000, doc="experts in flight; 0: no limit")
+    expert_retries: int = _f(3, lo=0, hi=1000, doc="re-runs of an expert whose worker or node died")
+    distill_num_cpus: float = _f(1.0, lo=0.0, hi=1024)
+    distill_num_gpus: float = _f(0.0, lo=0.0, hi=64)
+    distill_restarts: int = _f(3, lo=0, hi=1000, doc="restarts of a crashed distillation actor")
+    eval_num_cpus: float = _f(1.0, lo=0.0, hi=1024, doc="CPUs per evaluation task")
+    eval_num_gpus: float = _f(0.0, lo=0.0, hi=64)
+    eval_retries: int = _f(3, lo=0, hi=1000)
+    num_cpus: int = _f(0, lo=0, hi=100_000, doc="CPUs of a Ray started for one job; 0: all")
+    object_store_mb: int = _f(0, lo=0, hi=10_000_000, doc="its object store; 0: Ray's default")
+
+
+@dataclass(frozen=True)
 class Config:
     recipe: str = _f("digits")
     seed: int = _f(0, lo=0, hi=2**31 - 1)
@@ -137,6 +155,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -287,13 +306,34 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def is_config_file(name: str) -> bool:
+    return name.endswith((".yaml", ".yml", ".json"))
+
+
 def _recipe_dict(name: str, seen: tuple = ()) -> dict:
+    """A named recipe, or a YAML/JSON config file (a recipe of your own, or a run's
+    config.json), with its `base` recipe merged underneath."""
     if name in seen:
         raise ConfigError(f"recipe '{name}' names itself as a base")
-    if name not in recipe_names():
-        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(recipe_names())})")
-    text = (resources.files("mct_ray") / "recipes" / f"{name}.yaml").read_text()
-    values = yaml.safe_load(text) or {}
+    if is_config_file(name):
+        try:
+            with open(name) as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"config file '{name}' cannot be read: {exc.strerror}") from None
+    elif name in recipe_names():
+        text = (resources.files("mct_ray") / "recipes" / f"{name}.yaml").read_text()
+    else:
+        raise ConfigError(f"unknown recipe '{name}' (known: {', '.join(recipe_names())}; "
+                          "or give a .yaml/.json config file)")
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{name}' is not valid YAML: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{name}' must hold a mapping of sections")
+    values.pop("recipe", None)
     base = values.pop("base", None)
     if base:
         values = _merge(_recipe_dict(base, seen + (name,)), values)

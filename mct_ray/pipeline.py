@@ -42,16 +42,28 @@ class Context:
 
     @classmethod
     def build(cls, cfg: Config) -> "Context":
-        if cfg.run.num_threads:
-            torch.set_num_threads(cfg.run.num_threads)
-        device = cfg.run.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise DataError("run.device=cuda but no CUDA device is visible")
-        data = load_data(cfg.data, cfg.seed)
+        return cls.from_data(cfg, load_data(cfg.data, cfg.seed))
+
+    @classmethod
+    def from_data(cls, cfg: Config, data: ImageData, num_cpus: float = 0) -> "Context":
+        """`num_cpus`: what a Ray worker was given, its thread count unless the config sets
+        one (the same count gives the same floating-point result on every path)."""
+        device = setup_torch(cfg, num_cpus)
         spec = make_spec(cfg.net, data.shape, data.num_classes)
         return cls(cfg, data, spec, Augmenter(cfg.augment), device)
+
+
+def setup_torch(cfg: Config, num_cpus: float = 0) -> str:
+    """Set torch's thread count and return the device to use."""
+    threads = cfg.run.num_threads or int(num_cpus)
+    if threads:
+        torch.set_num_threads(threads)
+    device = cfg.run.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise DataError("run.device=cuda but no CUDA device is visible")
+    return device
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,9 +115,71 @@ def storage_bytes(store: Storage, spec: NetSpec, epochs: int) -> tuple[int, int]
 
 @dataclass
 class DistillOutcome:
-    rows: list[dict] = field(default_factory=list)  # one per evaluation
+    rows: list[dict] = field(default_factory=list)  # one per finished evaluation
     best_acc: float = -1.0
     best_iteration: int = -1
+    pending: list["PendingEval"] = field(default_factory=list)  # from a checkpoint
+    step_times: list[float] = field(default_factory=list)  # perf_counter after each step
+    resumed_from: int | None = None
+
+
+@dataclass(frozen=True)
+class PendingEval:
+    """A snapshot submitted for evaluation, with what its metrics row needs."""
+
+    iteration: int
+    images: torch.Tensor  # (num_classes * ipc, C, H, W)
+    labels: torch.Tensor
+    step_size: float
+    loss: float
+    seconds: float
+
+    @property
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.images, self.labels, self.step_size
+
+    def to_state(self) -> dict:
+        return {"iteration": self.iteration, "images": self.images, "labels": self.labels,
+                "step_size": self.step_size, "loss": self.loss, "seconds": self.seconds}
+
+
+class LocalEvaluator:
+    """Scores each snapshot at once, in this process (the `--local` path)."""
+
+    def __init__(self, ctx: "Context"):
+        self.ctx, self.done = ctx, []
+
+    def submit(self, p: PendingEval) -> None:
+        cfg = self.ctx.cfg
+        result = evaluate(self.ctx.spec, p.images, p.labels, p.step_size, self.ctx.data,
+                          cfg.eval, cfg.augment, cfg.seed, p.iteration, device=self.ctx.device)
+        self.done.append((p, result))
+
+    def poll(self) -> list[tuple[PendingEval, EvalResult]]:
+        done, self.done = self.done, []
+        return done
+
+    drain = poll
+
+    @property
+    def pending(self) -> list[PendingEval]:
+        return []
+
+
+class Progress:
+    """A tqdm bar; the Ray runtime passes its own with the same three methods."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def note(self, **values: float) -> None:
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _save_synthetic(store: Storage, name: str, ctx: Context, snapshot, iteration: int) -> None:
@@ -129,67 +203,97 @@ def eval_iterations(every: int, iterations: int) -> list[int]:
     return its if its[-1] == iterations else its + [iterations]
 
 
-def record_eval(store: Storage, ctx: Context, outcome: DistillOutcome, result: EvalResult,
-                iteration: int, snapshot, loss: float, seconds: float) -> None:
-    """Append a metrics row and keep synthetic.safetensors at the best evaluation so far."""
-    outcome.rows.append({"iteration": iteration, "acc_mean": result.mean,
-                         "acc_std": result.std, "loss": loss, "step_size": snapshot[2],
-                         "seconds": seconds})
+def record_eval(store: Storage, ctx: Context, outcome: DistillOutcome, p: PendingEval,
+                result: EvalResult) -> None:
+    """Append a metrics row and keep synthetic.safetensors at the best evaluation so far.
+
+    Results may arrive out of order (Ray); the best is the highest mean, ties going to the
+    earlier iteration, so the outcome does not depend on arrival order."""
+    outcome.rows.append({"iteration": p.iteration, "acc_mean": result.mean,
+                         "acc_std": result.std, "loss": p.loss, "step_size": p.step_size,
+                         "seconds": p.seconds})
     outcome.rows.sort(key=lambda r: r["iteration"])
-    if result.mean > outcome.best_acc:
-        outcome.best_acc, outcome.best_iteration = result.mean, iteration
-        _save_synthetic(store, layout.SYNTHETIC, ctx, snapshot, iteration)
+    if (result.mean, -p.iteration) > (outcome.best_acc, -outcome.best_iteration):
+        outcome.best_acc, outcome.best_iteration = result.mean, p.iteration
+        _save_synthetic(store, layout.SYNTHETIC, ctx, p.snapshot, p.iteration)
     store.write_table(layout.METRICS, outcome.rows)
 
 
 def save_checkpoint(store: Storage, ctx: Context, distiller: Distiller,
-                    outcome: DistillOutcome) -> None:
+                    outcome: DistillOutcome, pending: list[PendingEval], run_id: str = "") -> None:
     _save_synthetic(store, layout.LAST, ctx, distiller.snapshot(), distiller.iteration)
     state = {"distiller": distiller.state_dict(), "rows": outcome.rows,
-             "best_acc": outcome.best_acc, "best_iteration": outcome.best_iteration}
+             "best_acc": outcome.best_acc, "best_iteration": outcome.best_iteration,
+             "pending": [p.to_state() for p in pending], "run_id": run_id}
     store.write_bytes(layout.STATE, formats.save_state(state))
+
+
+def checkpoint_run_id(store: Storage) -> str | None:
+    """The run id stored with the checkpoint (None without one): a restarted worker finds
+    its own run's checkpoint by it."""
+    if not store.exists(layout.STATE):
+        return None
+    state = formats.load_state(store.read_bytes(layout.STATE), store.uri_of(layout.STATE))
+    return state.get("run_id", "")
 
 
 def load_checkpoint(store: Storage, distiller: Distiller) -> DistillOutcome:
     state = formats.load_state(store.read_bytes(layout.STATE), store.uri_of(layout.STATE))
     distiller.load_state_dict(state["distiller"])
-    return DistillOutcome(state["rows"], state["best_acc"], state["best_iteration"])
+    pending = [PendingEval(**p) for p in state.get("pending", [])]
+    return DistillOutcome(state["rows"], state["best_acc"], state["best_iteration"], pending,
+                          resumed_from=distiller.iteration)
 
 
 def run_distillation(ctx: Context, store: Storage, trajectories: list[Trajectory],
-                     resume: bool = False) -> DistillOutcome:
+                     resume: bool = False, evaluator=None, progress_cls=None,
+                     run_id: str = "") -> DistillOutcome:
+    """The distillation loop with an evaluation at each of `eval_iterations`.
+
+    `evaluator` scores snapshots (default: at once, here); the Ray runtime passes one that
+    fans them out and returns results as they finish, so the loop never waits for them.
+    """
     cfg = ctx.cfg
+    evaluator = evaluator or LocalEvaluator(ctx)
     distiller = make_distiller(ctx, trajectories)
     outcome = DistillOutcome()
     if resume and store.exists(layout.STATE):
         outcome = load_checkpoint(store, distiller)
         log.info("resumed at iteration %d", distiller.iteration)
+        for p in outcome.pending:  # scored by a process that is gone: submit again
+            evaluator.submit(p)
     evals = set(eval_iterations(cfg.eval.every, cfg.distill.iterations))
     started, losses = time.perf_counter(), []
-    bar = tqdm(total=cfg.distill.iterations, initial=distiller.iteration, desc="distill",
-               disable=not cfg.run.progress)
+    bar = (progress_cls or Progress)("distill", cfg.distill.iterations, distiller.iteration,
+                                     cfg.run.progress)
     while True:
         it = distiller.iteration
-        if it in evals and not any(r["iteration"] == it for r in outcome.rows):
-            snap = distiller.snapshot()
-            result = evaluate(ctx.spec, snap[0], snap[1], snap[2], ctx.data, cfg.eval,
-                              cfg.augment, cfg.seed, it, device=ctx.device)
+        submitted = it in evals and not any(
+            r["iteration"] == it for r in outcome.rows) and not any(
+            p.iteration == it for p in evaluator.pending)
+        if submitted:
+            images, labels, step_size = distiller.snapshot()
             loss = statistics.fmean(losses) if losses else float("nan")
-            record_eval(store, ctx, outcome, result, it, snap, loss,
-                        time.perf_counter() - started)
+            evaluator.submit(PendingEval(it, images, labels, step_size, loss,
+                                         time.perf_counter() - started))
             losses.clear()
-            bar.set_postfix(acc=f"{result.mean:.3f}", best=f"{outcome.best_acc:.3f}")
-            save_checkpoint(store, ctx, distiller, outcome)
-        elif cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0:
-            save_checkpoint(store, ctx, distiller, outcome)
+        for p, result in evaluator.poll():
+            record_eval(store, ctx, outcome, p, result)
+            bar.note(acc=result.mean, best=outcome.best_acc)
+        if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0):
+            save_checkpoint(store, ctx, distiller, outcome, evaluator.pending, run_id)
         if it >= cfg.distill.iterations:
             break
         # A DivergenceError propagates: synthetic.safetensors (best evaluated) and the
         # last checkpoint stay on disk as they were.
         step = distiller.step()
+        outcome.step_times.append(time.perf_counter())
         if not step.skipped:
             losses.append(step.loss)
         bar.update(1)
+    for p, result in evaluator.drain():
+        record_eval(store, ctx, outcome, p, result)
+    save_checkpoint(store, ctx, distiller, outcome, [], run_id)
     bar.close()
     return outcome
 
@@ -239,9 +343,23 @@ def run_baseline(ctx: Context) -> EvalResult:
                     cfg.seed, 0, tag="baseline", device=ctx.device)
 
 
+def synthetic_source(store: Storage, synthetic: str | None) -> tuple[Storage, str]:
+    """Where `eval` reads: a given file (path or URI), else the run's synthetic set."""
+    if not synthetic:
+        return store, layout.SYNTHETIC
+    folder, _, name = synthetic.rpartition("/")
+    return Storage.open(folder or "."), name
+
+
+def write_eval(store: Storage, cfg: Config, result: EvalResult, source: str) -> dict:
+    out = {"acc_mean": result.mean, "acc_std": result.std, "accs": list(result.accs),
+           "num_eval": cfg.eval.num_eval, "epochs": cfg.eval.epochs, "source": source}
+    store.write_json("eval.json", out)
+    return out
+
+
 def finish(ctx: Context, store: Storage, outcome: DistillOutcome, started: float,
-           experts: Storage) -> dict:
-    baseline = run_baseline(ctx) if ctx.cfg.eval.baseline else None
+           experts: Storage, baseline: EvalResult | None) -> dict:
     summary = summarise(ctx, experts, outcome, baseline, time.perf_counter() - started)
     store.write_json(layout.SUMMARY, summary)
     images, labels, _, info = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),

@@ -12,8 +12,8 @@ from mct_ray.cli import main
 from tests.conftest import TINY
 
 
-def run_cli(capsys, *argv):
-    code = main(list(argv))
+def run_cli(capsys, command, *argv):
+    code = main([command, "--local", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -21,7 +21,7 @@ def run_cli(capsys, *argv):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main(["run", "--out", str(out), *TINY]) == 0
+    assert main(["run", "--local", "--out", str(out), *TINY]) == 0
     return out
 
 
@@ -49,11 +49,12 @@ def test_run_writes_every_output(tiny_run):
 
 
 def test_same_seed_gives_bitwise_identical_synthetic_set(tiny_run, tmp_path):
-    assert main(["run", "--out", str(tmp_path), *TINY]) == 0
+    assert main(["run", "--local", "--out", str(tmp_path), *TINY]) == 0
     load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")
     a, b = load(tiny_run), load(tmp_path)
     assert torch.equal(a[0], b[0]) and a[2] == b[2]
-    assert main(["distill", "--out", str(tmp_path / "other"), "--experts", str(tmp_path),
+    assert main(["distill", "--local", "--out", str(tmp_path / "other"), "--experts",
+                 str(tmp_path),
                  *TINY, "seed=1"]) == 0
     c = load(tmp_path / "other")
     assert not torch.equal(a[0], c[0])
@@ -61,13 +62,13 @@ def test_same_seed_gives_bitwise_identical_synthetic_set(tiny_run, tmp_path):
 
 def test_separate_phases_and_mtt(tmp_path, capsys):
     out = str(tmp_path)
-    assert main(["experts", "--out", out, *TINY, "expert.keep_full=true"]) == 0
+    assert main(["experts", "--local", "--out", out, *TINY, "expert.keep_full=true"]) == 0
     assert len(list((tmp_path / "experts").glob("*.full.safetensors"))) == 2
-    assert main(["distill", "--out", out, *TINY, "distill.method=mtt"]) == 0
+    assert main(["distill", "--local", "--out", out, *TINY, "distill.method=mtt"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == "mtt"
     capsys.readouterr()
-    assert main(["eval", "--out", out, *TINY]) == 0
+    assert main(["eval", "--local", "--out", out, *TINY]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert 0.0 <= result["acc_mean"] <= 1.0 and len(result["accs"]) == 1
 
@@ -75,9 +76,10 @@ def test_separate_phases_and_mtt(tmp_path, capsys):
 def test_resume_continues_to_the_same_result(tiny_run, tmp_path):
     out = str(tmp_path)
     half = [a for a in TINY if not a.startswith("distill.iterations")]
-    assert main(["distill", "--out", out, "--experts", str(tiny_run), *half,
+    assert main(["distill", "--local", "--out", out, "--experts", str(tiny_run), *half,
                  "distill.iterations=2"]) == 0
-    assert main(["distill", "--out", out, "--experts", str(tiny_run), "--resume", *TINY]) == 0
+    assert main(["distill", "--local", "--out", out, "--experts", str(tiny_run), "--resume",
+                 *TINY]) == 0
     load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")
     assert torch.equal(load(tmp_path)[0], load(tiny_run)[0])
 

@@ -1,0 +1,88 @@
+"""What crosses the object store: plain dicts of numpy arrays.
+
+Ray stores numpy arrays out of band, so a `ray.get` on another process (same node) maps the
+arrays read-only from shared memory instead of copying them; torch tensors would be pickled.
+A trajectory travels as its flat anchors, beta and the network's parameter layout, so a
+consumer with a different architecture is caught before any use.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from mct_ray.data import ImageData
+from mct_ray.errors import FormatError
+from mct_ray.experts import ExpertResult
+from mct_ray.nets import NetSpec
+from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, Trajectory
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the (possibly read-only, shared-memory) array's buffer."""
+    with warnings.catch_warnings():  # never written: the core only reads trajectories
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def data_to_numpy(data: ImageData) -> dict:
+    return {"name": data.name, "class_names": list(data.class_names),
+            "mean": list(data.mean), "std": list(data.std),
+            **{k: getattr(data, k).numpy() for k in ("train_x", "train_y", "test_x", "test_y")}}
+
+
+def data_from_numpy(d: dict) -> ImageData:
+    return ImageData(d["name"], as_tensor(d["train_x"]), as_tensor(d["train_y"]),
+                     as_tensor(d["test_x"]), as_tensor(d["test_y"]), tuple(d["class_names"]),
+                     tuple(d["mean"]), tuple(d["std"]))
+
+
+def _layout(spec: NetSpec) -> list[list]:
+    return [[name, list(shape)] for name, shape in spec.param_shapes()]
+
+
+def expert_to_numpy(result: ExpertResult, spec: NetSpec) -> dict:
+    convex = result.convex
+    return {"expert_id": result.expert_id, "init_seed": result.init_seed,
+            "test_acc": result.test_acc, "info": dict(convex.info), "layout": _layout(spec),
+            "anchor_epochs": list(convex.anchor_epochs),
+            "anchors": convex.anchors.numpy(),  # (num_anchors, P) float32
+            "beta": convex.beta.numpy(),  # (T, K+1) float32
+            "full": None if result.full is None else result.full.checkpoints.numpy()}
+
+
+def expert_from_numpy(d: dict, spec: NetSpec) -> ExpertResult:
+    if d["layout"] != _layout(spec):
+        raise FormatError(f"expert {d['expert_id']} was trained for another network: "
+                          f"{d['layout']} != {_layout(spec)}")
+    convex = ConvexTrajectory(spec, tuple(d["anchor_epochs"]), as_tensor(d["anchors"]),
+                              as_tensor(d["beta"]), d["info"])
+    full = None if d["full"] is None else FullTrajectory(spec, as_tensor(d["full"]), d["info"])
+    return ExpertResult(d["expert_id"], convex, full, d["init_seed"], d["test_acc"])
+
+
+def trajectory_to_numpy(traj: Trajectory, expert_id: int, spec: NetSpec) -> dict:
+    """A trajectory loaded from storage (no training result around it)."""
+    if isinstance(traj, FullTrajectory):
+        return {"expert_id": expert_id, "init_seed": None, "test_acc": None,
+                "info": dict(traj.info), "layout": _layout(spec), "anchor_epochs": None,
+                "anchors": None, "beta": None, "full": traj.checkpoints.numpy()}
+    return {"expert_id": expert_id, "init_seed": None, "test_acc": None, "info": dict(traj.info),
+            "layout": _layout(spec), "anchor_epochs": list(traj.anchor_epochs),
+            "anchors": traj.anchors.numpy(), "beta": traj.beta.numpy(), "full": None}
+
+
+def trajectory_from_numpy(d: dict, spec: NetSpec, full: bool) -> Trajectory:
+    """The convex (MCT) or full (MTT) trajectory of one expert, sharing the arrays."""
+    if d["layout"] != _layout(spec):
+        raise FormatError(f"expert {d['expert_id']} was trained for another network: "
+                          f"{d['layout']} != {_layout(spec)}")
+    if full:
+        if d["full"] is None:
+            raise FormatError(f"expert {d['expert_id']} has no full trajectory; method mtt "
+                              "needs experts trained with expert.keep_full=true")
+        return FullTrajectory(spec, as_tensor(d["full"]), d["info"])
+    return ConvexTrajectory(spec, tuple(d["anchor_epochs"]), as_tensor(d["anchors"]),
+                            as_tensor(d["beta"]), d["info"])
