@@ -249,10 +249,10 @@ class Storage:
         """Prove, in seconds, that this root can be written: the endpoint answers, the bucket
         exists, the credentials are accepted, and a probe object can be put and deleted.
         Raises StorageError naming the URI and the problem. Call it at job start."""
-        if self.is_local:
-            self._check_local()
+        if self.kind not in ("s3", "gs"):
+            self._check_file_system()
             return
-        fs = _make_fs(self.kind, self.options, PROBE_TIMEOUTS) if self.options else self.fs
+        fs = _make_fs(self.kind, self.options, PROBE_TIMEOUTS)
         bucket = self.root.split("/", 1)[0]
         try:
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
@@ -269,10 +269,10 @@ class Storage:
         except (OSError, pa.ArrowException) as exc:
             raise self._fail(None, exc) from None
 
-    def _check_local(self) -> None:
+    def _check_file_system(self) -> None:
         probe = self.path(f".mct-ray-write-check-{uuid.uuid4().hex[:12]}")
         try:
-            if os.path.isfile(self.root):
+            if self.fs.get_file_info(self.root).type == pafs.FileType.File:
                 raise StorageError(f"{self.uri}: is a file, not a folder")
             self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(probe) as out:
