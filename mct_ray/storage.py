@@ -209,6 +209,19 @@ class Storage:
             raise StorageError(f"storage '{uri}' cannot be opened: {exc}") from None
         return cls(fs, root, uri, kind, options)
 
+    # Pickling (Ray ships Storage objects to workers): pyarrow's S3 pickle drops the retry
+    # and timeout settings, so object-store clients are rebuilt from their options.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.kind in ("s3", "gs"):
+            state["fs"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.fs is None:
+            self.fs = _make_fs(self.kind, self.options, IO_TIMEOUTS)
+
     # -- naming ---------------------------------------------------------------------------
 
     def path(self, name: str) -> str:

@@ -8,6 +8,7 @@ gs:// is only parsed and probed against a closed port: no GCS server runs here.
 from __future__ import annotations
 
 import json
+import pickle
 import socket
 import subprocess
 import sys
@@ -272,6 +273,24 @@ def test_io_errors_after_open_are_storage_errors(aws_env, monkeypatch):
                  lambda: store.list("experts"), lambda: store.size("a.json")):
         with pytest.raises(StorageError, match=r"s3://mct-runs/run.*cannot reach"):
             call()
+
+
+def test_pickled_storage_keeps_its_endpoint_and_timeouts(aws_env, monkeypatch):
+    # Ray pickles a Storage to ship it to workers; pyarrow's own S3 pickle loses the retry
+    # and timeout settings (a stalled request would then wait the SDK default, 3 s a try).
+    copy = pickle.loads(pickle.dumps(Storage.open(_uri(aws_env, "run-pk"))))
+    copy.write_json("summary.json", {"ok": 1})
+    assert aws_env.keys("run-pk/") == ["run-pk/summary.json"]
+    monkeypatch.setattr(storage, "IO_TIMEOUTS", storage._Timeouts(1.0, 1.0, 1))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = Storage.open(_uri(aws_env, "run", host=f"127.0.0.1:{silent.getsockname()[1]}"))
+        copy = pickle.loads(pickle.dumps(store))
+        start = time.monotonic()
+        with pytest.raises(StorageError, match="Timeout"):
+            copy.exists("a.json")
+        assert time.monotonic() - start < 2.5
 
 
 # ---------------------------------------------------------------------------------------
