@@ -119,14 +119,21 @@ def _make_fs(kind: str, options: dict[str, Any], timeouts: _Timeouts) -> pafs.Fi
     raise AssertionError(kind)
 
 
-def _describe(exc: BaseException, endpoint: str) -> str:
+CREDENTIAL_HINTS = {
+    "s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS or the VM's service account",
+}
+
+
+def _describe(exc: BaseException, endpoint: str, kind: str) -> str:
     """One line saying what went wrong with an object-store request."""
     text = str(exc)
+    hint = CREDENTIAL_HINTS.get(kind, "the credentials")
+    if "OAuth2 access token" in text:  # GCS: no credentials found before any request
+        return f"no Google credentials could be obtained (check {hint})"
     if re.search(r"ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH|INVALID_ACCESS_KEY_ID|"
-                 r"PERMISSION_DENIED|UNAUTHENTICATED|Forbidden|\b40[13]\b|OAuth2", text):
-        return (f"access denied by {endpoint} (check the credentials: AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY, profile or instance role; GOOGLE_APPLICATION_"
-                "CREDENTIALS for gs://; and the bucket policy)")
+                 r"PERMISSION_DENIED|UNAUTHENTICATED|Forbidden|\b40[13]\b", text):
+        return f"access denied by {endpoint} (check {hint}, and the bucket policy)"
     if "NO_SUCH_BUCKET" in text:
         return f"the bucket does not exist at {endpoint}"
     if re.search(r"NETWORK_CONNECTION|CURL error|curlCode|UNAVAILABLE", text):
@@ -254,7 +261,7 @@ class Storage:
         if self.is_local:
             return StorageError(f"{where}: {exc.strerror or exc}" if isinstance(exc, OSError)
                                 else f"{where}: {exc}")
-        return StorageError(f"{where}: {_describe(exc, self.endpoint)}")
+        return StorageError(f"{where}: {_describe(exc, self.endpoint, self.kind)}")
 
     # -- fail-fast check ------------------------------------------------------------------
 
