@@ -57,7 +57,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_experts(cfg: Config, args: argparse.Namespace) -> dict:
-    store = Storage.open(cfg.run.out)
+    store = Storage.open(cfg.run.out, check=True)
     store.write_json(layout.CONFIG, cfg.to_dict())
     ctx = pipeline.Context.build(cfg)
     results = pipeline.generate_experts(ctx, store)
@@ -66,7 +66,7 @@ def cmd_experts(cfg: Config, args: argparse.Namespace) -> dict:
 
 def cmd_distill(cfg: Config, args: argparse.Namespace, ctx=None) -> dict:
     started = time.perf_counter()
-    store = Storage.open(cfg.run.out)
+    store = Storage.open(cfg.run.out, check=True)
     experts = Storage.open(getattr(args, "experts", None) or cfg.run.out)
     ctx = ctx or pipeline.Context.build(cfg)
     trajectories = pipeline.load_experts(experts, ctx.spec, full=cfg.distill.method == "mtt")
@@ -77,7 +77,7 @@ def cmd_distill(cfg: Config, args: argparse.Namespace, ctx=None) -> dict:
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> dict:
-    store = Storage.open(cfg.run.out)
+    store = Storage.open(cfg.run.out, check=True)
     store.write_json(layout.CONFIG, cfg.to_dict())
     ctx = pipeline.Context.build(cfg)
     if not (args.resume and store.list(layout.EXPERTS, ".safetensors")):
@@ -86,7 +86,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> dict:
-    store = Storage.open(cfg.run.out)
+    store = Storage.open(cfg.run.out, check=True)
     ctx = pipeline.Context.build(cfg)
     source, name = pipeline.synthetic_source(store, args.synthetic)
     images, labels, step, info = formats.load_synthetic(source.read_bytes(name),

@@ -24,7 +24,7 @@ from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
 from mct_ray.nets import NetSpec, make_spec
 from mct_ray.rng import generator
-from mct_ray.storage import Storage
+from mct_ray.storage import Storage, parent_and_name
 from mct_ray.trajectory import FullTrajectory, Trajectory
 
 log = logging.getLogger(__name__)
@@ -347,8 +347,8 @@ def synthetic_source(store: Storage, synthetic: str | None) -> tuple[Storage, st
     """Where `eval` reads: a given file (path or URI), else the run's synthetic set."""
     if not synthetic:
         return store, layout.SYNTHETIC
-    folder, _, name = synthetic.rpartition("/")
-    return Storage.open(folder or "."), name
+    folder, name = parent_and_name(synthetic)
+    return Storage.open(folder), name
 
 
 def write_eval(store: Storage, cfg: Config, result: EvalResult, source: str) -> dict:

@@ -42,3 +42,21 @@ def tiny_experts(tiny_ctx):
     cfg = tiny_ctx.cfg.replace(**{"expert.keep_full": True, "expert.anchors": [2]})
     return [train_expert(tiny_ctx.spec, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, i)
             for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One two-node Ray cluster on loopback for the whole session (2 CPUs per node)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 2, "object_store_memory": 150 * 2**20}
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={**node, "include_dashboard": False})
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -34,6 +34,13 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                            f"({exc.strerror or exc})") from None
 
 
+def check_address() -> None:
+    """Fail in seconds, before anything is written, when RAY_ADDRESS names no cluster."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and not ray.is_initialized():
+        _check_reachable(address)
+
+
 def connect(cfg: RayConfig) -> bool:
     """Connect this driver to Ray; True when this call started it (the caller shuts it down).
 

@@ -23,7 +23,7 @@ from mct_ray.errors import MctRayError
 from mct_ray.evaluate import EvalResult, random_real
 from mct_ray.runtime import workers
 from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
-from mct_ray.runtime.cluster import connect, disconnect
+from mct_ray.runtime.cluster import check_address, connect, disconnect
 from mct_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,12 @@ def distill(cfg: Config, store: Storage, experts: Storage, ctx: pipeline.Context
         images, labels = random_real(ctx.data, cfg.distill.ipc, cfg.seed)
         baseline = workers.submit_evaluation(cfg_dict, data_ref, images, labels, cfg.expert.lr,
                                              "baseline", 0)
+    run_id = uuid.uuid4().hex
     actor = ray.remote(workers.DistillWorker).options(
-        num_cpus=r.distill_num_cpus, num_gpus=r.distill_num_gpus,
-        max_restarts=r.distill_restarts, max_task_retries=r.distill_restarts,
-    ).remote(cfg_dict, {"data": data_ref, "experts": expert_refs}, store.uri, uuid.uuid4().hex)
+        name=f"mct-ray-distill-{run_id[:12]}", num_cpus=r.distill_num_cpus,
+        num_gpus=r.distill_num_gpus, max_restarts=r.distill_restarts,
+        max_task_retries=r.distill_restarts,
+    ).remote(cfg_dict, {"data": data_ref, "experts": expert_refs}, store.uri, run_id)
     result = ray.get(actor.run.remote(resume))
     ray.kill(actor)
     outcome = pipeline.DistillOutcome(result["rows"], result["best_acc"],
@@ -96,18 +98,18 @@ def distill(cfg: Config, store: Storage, experts: Storage, ctx: pipeline.Context
     return {**summary, "resumed_from": result["resumed_from"]}
 
 
-def _start(cfg: Config) -> tuple[bool, pipeline.Context, ray.ObjectRef]:
-    started_ray = connect(cfg.ray)
-    ctx = pipeline.Context.build(cfg)
-    return started_ray, ctx, ray.put(data_to_numpy(ctx.data))
-
-
 def _guarded(fn):
-    """Start or join Ray around a command; worker-side project errors come back as such."""
+    """Check the cluster address and the storage (fail fast, nothing written), load the data
+    set, start or join Ray, put the data set in the object store, run the command; project
+    errors raised on workers come back as themselves."""
     def wrapped(cfg: Config, args: argparse.Namespace) -> dict:
         started_ray = False
         try:
-            started_ray, ctx, data_ref = _start(cfg)
+            check_address()
+            Storage.open(cfg.run.out, check=True)
+            ctx = pipeline.Context.build(cfg)
+            started_ray = connect(cfg.ray)
+            data_ref = ray.put(data_to_numpy(ctx.data))
             return fn(cfg, args, ctx, data_ref)
         except ray.exceptions.RayTaskError as exc:
             raise unwrap(exc) from None

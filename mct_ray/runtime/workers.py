@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
-
 import ray
 from ray.experimental import tqdm_ray
 from ray.util.metrics import Gauge
@@ -91,20 +89,23 @@ def evaluate_task(cfg_dict: dict, data: dict, snapshot: dict, tag: str, iteratio
                           eval_seed(cfg.seed, tag, iteration, index), ctx.device)
 
 
-def remote_evaluate(cfg_dict: dict) -> Any:
-    r = from_dict(cfg_dict).ray
-    return ray.remote(evaluate_task).options(num_cpus=r.eval_num_cpus, num_gpus=r.eval_num_gpus,
-                                             max_retries=r.eval_retries)
+_remote_evaluate = None
 
 
 def submit_evaluation(cfg_dict: dict, data_ref: ray.ObjectRef, images, labels,
                       step_size: float, tag: str, iteration: int) -> list[ray.ObjectRef]:
     """Put one snapshot in the object store and fan out eval.num_eval networks on it."""
+    global _remote_evaluate
+    if _remote_evaluate is None:  # exported to the cluster once per process
+        _remote_evaluate = ray.remote(evaluate_task)
+    cfg = from_dict(cfg_dict)
+    r = cfg.ray
+    task = _remote_evaluate.options(num_cpus=r.eval_num_cpus, num_gpus=r.eval_num_gpus,
+                                    max_retries=r.eval_retries)
     snapshot = ray.put({"images": images.numpy(), "labels": labels.numpy(),
                         "step_size": step_size})
-    task = remote_evaluate(cfg_dict)
     return [task.remote(cfg_dict, data_ref, snapshot, tag, iteration, i)
-            for i in range(from_dict(cfg_dict).eval.num_eval)]
+            for i in range(cfg.eval.num_eval)]
 
 
 class RayEvaluator:
@@ -155,6 +156,7 @@ class DistillWorker:
     """
 
     def __init__(self, cfg_dict: dict, refs: dict, out_uri: str, run_id: str):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.cfg_dict, self.cfg = cfg_dict, from_dict(cfg_dict)
         self.data_ref = refs["data"]
         self.ctx = Context.from_data(self.cfg, data_from_numpy(ray.get(self.data_ref)),

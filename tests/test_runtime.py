@@ -1,0 +1,227 @@
+"""The Ray runtime on a real two-node cluster on loopback (`ray.cluster_utils.Cluster`).
+
+Experts spread over both nodes and survive losing one; the distillation actor resumes after
+being killed; evaluation fan-out never pauses the loop; Ray and `--local` agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from mct_ray import formats
+from mct_ray.cli import main
+from mct_ray.config import load_config
+from tests.conftest import TINY
+
+ray = pytest.importorskip("ray")
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(list(argv)) == 0
+    return printed_json(capsys)
+
+
+def printed_json(capsys) -> dict:
+    """The command's JSON report (Ray may print its own lines before it)."""
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{\n"):])
+
+
+def synthetic(folder, name="last.safetensors"):
+    return formats.load_synthetic((folder / name).read_bytes(), name)
+
+
+def expert_tensors(folder):
+    out = {}
+    for path in sorted((folder / "experts").glob("expert-*.safetensors")):
+        tensors, _ = formats.unpack(path.read_bytes(), formats.TRAJECTORY, path.name)
+        out[path.name] = tensors
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    assert main(["run", "--local", "--out", str(out), *TINY, "expert.num_experts=4"]) == 0
+    return out
+
+
+def test_ray_run_matches_local_run_and_spreads_experts(ray_cluster, local_run, tmp_path,
+                                                       capsys):
+    summary = run_json(capsys, "run", "--out", str(tmp_path), *TINY, "expert.num_experts=4")
+    a, b = synthetic(local_run), synthetic(tmp_path)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert torch.equal(synthetic(local_run, "synthetic.safetensors")[0],
+                       synthetic(tmp_path, "synthetic.safetensors")[0])
+    local_rows = formats_rows(local_run)
+    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(tmp_path)] == \
+        [(r["iteration"], r["acc_mean"]) for r in local_rows]
+    local_summary = json.loads((local_run / "summary.json").read_text())
+    assert summary["random_baseline_acc_mean"] == local_summary["random_baseline_acc_mean"]
+    ta, tb = expert_tensors(local_run), expert_tensors(tmp_path)
+    assert ta.keys() == tb.keys() and len(ta) == 4
+    assert all(torch.equal(ta[k][n], tb[k][n]) for k in ta for n in ta[k])
+
+    nodes = run_json(capsys, "experts", "--out", str(tmp_path / "e"), *TINY,
+                     "expert.num_experts=4")["nodes"]
+    assert len(nodes) == 2  # SPREAD puts work on both nodes
+
+
+def formats_rows(folder):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(folder / "metrics.parquet").to_pylist()
+
+
+def test_losing_a_node_during_expert_generation_costs_only_its_experts(ray_cluster, tmp_path,
+                                                                        capsys):
+    slow = [*TINY, "expert.num_experts=6", "expert.epochs=30", "net.width=16"]
+    victim = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+    ray_cluster.wait_for_nodes()
+    out = tmp_path / "ray"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["experts", "--out", str(out), *slow])))
+    thread.start()
+    deadline = time.time() + 60
+    while not any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()) or \
+            not _busy(victim.node_id):
+        assert time.time() < deadline, "no expert ever ran on the third node"
+        time.sleep(0.05)
+    done_before = len(list((out / "experts").glob("*.safetensors")))
+    ray_cluster.remove_node(victim)
+    thread.join(timeout=300)
+    assert result.get("code") == 0
+    report = printed_json(capsys)
+    assert done_before < 6 and report["experts"] == 6
+    assert victim.node_id not in report["nodes"]
+
+    assert main(["experts", "--local", "--out", str(tmp_path / "local"), *slow]) == 0
+    ta, tb = expert_tensors(tmp_path / "local"), expert_tensors(out)
+    assert sorted(tb) == [f"expert-{i:05d}.safetensors" for i in range(6)]
+    assert all(torch.equal(ta[k][n], tb[k][n]) for k in ta for n in ta[k])
+
+
+def _busy(node_id: str) -> bool:
+    """Whether both CPUs of that node are taken (expert tasks are running there)."""
+    from ray._private.state import available_resources_per_node
+
+    available = available_resources_per_node()  # a resource at 0 is left out
+    return node_id in available and available[node_id].get("CPU", 0) == 0
+
+
+def _distill_actor(timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        names = [n for n in ray.util.list_named_actors() if n.startswith("mct-ray-distill-")]
+        if names:
+            return ray.get_actor(names[0])
+        time.sleep(0.05)
+    raise AssertionError("no distillation actor appeared")
+
+
+def _state_iteration(folder) -> int:
+    path = folder / "state.safetensors"
+    if not path.exists():
+        return -1
+    try:
+        return formats.load_state(path.read_bytes(), "s")["distiller"]["iteration"]
+    except Exception:  # being replaced right now
+        return -1
+
+
+def test_killed_distillation_actor_resumes_and_reproduces_the_result(ray_cluster, local_run,
+                                                                     tmp_path, capsys):
+    longer = [*TINY, "expert.num_experts=4", "distill.iterations=60", "distill.syn_steps=10",
+              "eval.every=20", "run.checkpoint_every=5"]
+    out = tmp_path / "killed"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(local_run), *longer])))
+    thread.start()
+    actor = _distill_actor()
+    deadline = time.time() + 120
+    while _state_iteration(out) < 10:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    ray.kill(actor, no_restart=False)
+    thread.join(timeout=300)
+    assert result.get("code") == 0
+    summary = printed_json(capsys)
+    assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] < 60
+
+    assert main(["distill", "--local", "--out", str(tmp_path / "whole"), "--experts",
+                 str(local_run), *longer]) == 0
+    a, b = synthetic(tmp_path / "whole"), synthetic(out)
+    assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
+        [(r["iteration"], r["acc_mean"]) for r in formats_rows(tmp_path / "whole")]
+
+
+def test_evaluation_fan_out_never_pauses_the_loop(ray_cluster, local_run, tmp_path):
+    """The distiller holds one node (2 CPUs), evaluations run on the other one (the 'spare
+    worker' set-up: on this 2-core machine more would only time-share the cores)."""
+    from mct_ray.pipeline import Context, load_experts
+    from mct_ray.runtime import workers
+    from mct_ray.runtime.codec import data_to_numpy, trajectory_to_numpy
+    from mct_ray.storage import Storage
+
+    cfg = load_config("digits", [*TINY, "expert.num_experts=4", "distill.iterations=60",
+                                 "distill.syn_steps=5", "eval.every=20", "eval.epochs=600",
+                                 "ray.eval_num_cpus=2", "ray.distill_num_cpus=2"])
+    ctx = Context.build(cfg)
+    data_ref = ray.put(data_to_numpy(ctx.data))
+    trajs = load_experts(Storage.open(str(local_run)), ctx.spec, full=False)
+    refs = [ray.put(trajectory_to_numpy(t, i, ctx.spec)) for i, t in enumerate(trajs)]
+    probe = synthetic(local_run)
+    eval_seconds = []
+    for _ in range(2):  # one per node; the second round runs on warm workers, as the loop's
+        started = time.perf_counter()
+        ray.get([r for i in range(2) for r in workers.submit_evaluation(
+            cfg.to_dict(), data_ref, probe[0], probe[1],
+            probe[2], "probe", i)])
+        eval_seconds.append(time.perf_counter() - started)
+    actor = ray.remote(workers.DistillWorker).options(num_cpus=2).remote(
+        cfg.to_dict(), {"data": data_ref, "experts": refs}, str(tmp_path), "overlap")
+    result = ray.get(actor.run.remote(False))
+    ray.kill(actor)
+    assert [r["iteration"] for r in result["rows"]] == [0, 20, 40, 60]
+    times = result["step_times"]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(eval_seconds) > 0.5, eval_seconds  # an evaluation worth not waiting for
+    assert max(gaps) < 0.5 * min(eval_seconds), (
+        [(i, round(g, 3)) for i, g in enumerate(gaps) if g > 0.1], eval_seconds)
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"RAY_ADDRESS": "127.0.0.1:1"}, [], "RAY_ADDRESS='127.0.0.1:1': no Ray cluster answers"),
+    ({}, ["--out", "s3://bucket/run?endpoint_override=127.0.0.1:1&scheme=http"],
+     "s3://bucket/run"),
+    ({}, ["distill.ipc=0"], "config key 'distill.ipc' must be in"),
+    ({}, ["--config", "missing.yaml"], "config file 'missing.yaml' cannot be read"),
+])
+def test_job_entrypoint_fails_fast_with_one_line_and_writes_nothing(env, args, message,
+                                                                     tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "jobs.run", *TINY,
+            *(args if "--out" in args else ["--out", str(out), *args])]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env={**os.environ, "AWS_ACCESS_KEY_ID": "x",
+                               "AWS_SECRET_ACCESS_KEY": "x", **env})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("mct-ray: error: ") and message in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert time.perf_counter() - started < 60
+    assert not out.exists()
