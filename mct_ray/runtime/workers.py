@@ -182,8 +182,18 @@ class DistillWorker:
         return os.getpid()
 
     def memory(self) -> dict:
-        """This process's resident and unique (not shared with the object store) bytes."""
+        """This process's resident and unique (not shared with the object store) bytes,
+        after returning freed heap to the system (so they count what is held, not what the
+        allocator happens to keep)."""
+        import ctypes
+        import gc
+
         import psutil
 
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc
+            pass
         info = psutil.Process().memory_full_info()
         return {"rss": info.rss, "uss": info.uss}

@@ -1,0 +1,54 @@
+"""Shared set-up of the Ray benchmarks: a local Ray on loopback, the digits data set in the
+object store, and a plot helper."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import statistics
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+
+from bench.common import RESULTS  # noqa: E402
+from mct_ray.config import Config, load_config  # noqa: E402
+from mct_ray.pipeline import Context  # noqa: E402
+from mct_ray.runtime.codec import data_to_numpy  # noqa: E402
+
+
+def start_ray(num_cpus: int = 2) -> None:
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=300 * 2**20,
+             log_to_driver=False)
+
+
+def digits(overrides: list[str]) -> tuple[Config, Context, ray.ObjectRef]:
+    cfg = load_config("digits", ["run.progress=false", *overrides])
+    ctx = Context.build(cfg)
+    return cfg, ctx, ray.put(data_to_numpy(ctx.data))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def bar_png(name: str, labels: list[str], values: list[float], ylabel: str,
+            title: str) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(labels, values, color=["#777", "#2a6"][: len(labels)] * len(labels))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=9)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
