@@ -124,6 +124,8 @@ class RunConfig:
     num_threads: int = _f(0, lo=0, hi=1024, doc="torch threads; 0 leaves torch's default")
     progress: bool = _f(True)
     checkpoint_every: int = _f(0, lo=0, hi=10_000_000, doc="0: only at evaluations")
+    tensorboard: bool = _f(True, doc="event files under <out>/tb: loss, step size, accuracy, "
+                              "synthetic images")
 
 
 @dataclass(frozen=True)

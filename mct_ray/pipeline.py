@@ -25,6 +25,7 @@ from mct_ray.experts import ExpertResult, train_expert
 from mct_ray.nets import NetSpec, make_spec
 from mct_ray.rng import generator
 from mct_ray.storage import Storage, parent_and_name
+from mct_ray.tensorboard import TensorBoardLog
 from mct_ray.trajectory import FullTrajectory, Trajectory
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def eval_iterations(every: int, iterations: int) -> list[int]:
 
 
 def record_eval(store: Storage, ctx: Context, outcome: DistillOutcome, p: PendingEval,
-                result: EvalResult) -> None:
+                result: EvalResult, tb: TensorBoardLog | None = None) -> None:
     """Append a metrics row and keep synthetic.safetensors at the best evaluation so far.
 
     Results may arrive out of order (Ray); the best is the highest mean, ties going to the
@@ -217,6 +218,10 @@ def record_eval(store: Storage, ctx: Context, outcome: DistillOutcome, p: Pendin
         outcome.best_acc, outcome.best_iteration = result.mean, p.iteration
         _save_synthetic(store, layout.SYNTHETIC, ctx, p.snapshot, p.iteration)
     store.write_table(layout.METRICS, outcome.rows)
+    if tb is not None:
+        tb.scalars({"eval/acc_mean": result.mean, "eval/acc_std": result.std}, p.iteration)
+        tb.image_grid("synthetic", p.images, p.iteration, nrow=ctx.cfg.distill.ipc)
+        tb.flush()
 
 
 def save_checkpoint(store: Storage, ctx: Context, distiller: Distiller,
@@ -266,35 +271,43 @@ def run_distillation(ctx: Context, store: Storage, trajectories: list[Trajectory
     started, losses = time.perf_counter(), []
     bar = (progress_cls or Progress)("distill", cfg.distill.iterations, distiller.iteration,
                                      cfg.run.progress)
-    while True:
-        it = distiller.iteration
-        submitted = it in evals and not any(
-            r["iteration"] == it for r in outcome.rows) and not any(
-            p.iteration == it for p in evaluator.pending)
-        if submitted:
-            images, labels, step_size = distiller.snapshot()
-            loss = statistics.fmean(losses) if losses else float("nan")
-            evaluator.submit(PendingEval(it, images, labels, step_size, loss,
-                                         time.perf_counter() - started))
-            losses.clear()
-        for p, result in evaluator.poll():
-            record_eval(store, ctx, outcome, p, result)
-            bar.note(acc=result.mean, best=outcome.best_acc)
-        if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0):
-            save_checkpoint(store, ctx, distiller, outcome, evaluator.pending, run_id)
-        if it >= cfg.distill.iterations:
-            break
-        # A DivergenceError propagates: synthetic.safetensors (best evaluated) and the
-        # last checkpoint stay on disk as they were.
-        step = distiller.step()
-        outcome.step_times.append(time.perf_counter())
-        if not step.skipped:
-            losses.append(step.loss)
-        bar.update(1)
-    for p, result in evaluator.drain():
-        record_eval(store, ctx, outcome, p, result)
-    save_checkpoint(store, ctx, distiller, outcome, [], run_id)
-    bar.close()
+    tb = TensorBoardLog(store) if cfg.run.tensorboard else None
+    try:
+        while True:
+            it = distiller.iteration
+            submitted = it in evals and not any(
+                r["iteration"] == it for r in outcome.rows) and not any(
+                p.iteration == it for p in evaluator.pending)
+            if submitted:
+                images, labels, step_size = distiller.snapshot()
+                loss = statistics.fmean(losses) if losses else float("nan")
+                evaluator.submit(PendingEval(it, images, labels, step_size, loss,
+                                             time.perf_counter() - started))
+                losses.clear()
+            for p, result in evaluator.poll():
+                record_eval(store, ctx, outcome, p, result, tb)
+                bar.note(acc=result.mean, best=outcome.best_acc)
+            if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0):
+                save_checkpoint(store, ctx, distiller, outcome, evaluator.pending, run_id)
+            if it >= cfg.distill.iterations:
+                break
+            # A DivergenceError propagates: synthetic.safetensors (best evaluated) and the
+            # last checkpoint stay on disk as they were.
+            step = distiller.step()
+            outcome.step_times.append(time.perf_counter())
+            if not step.skipped:
+                losses.append(step.loss)
+                if tb is not None:
+                    tb.scalars({"distill/loss": step.loss, "distill/step_size": step.step_size},
+                               step.iteration)
+            bar.update(1)
+        for p, result in evaluator.drain():
+            record_eval(store, ctx, outcome, p, result, tb)
+        save_checkpoint(store, ctx, distiller, outcome, [], run_id)
+    finally:  # a DivergenceError still leaves the event files complete
+        bar.close()
+        if tb is not None:
+            tb.close()
     return outcome
 
 

@@ -139,3 +139,16 @@ def test_divergence_stops_with_clear_error_and_keeps_the_last_good_set(tiny_run,
     images, _, step, info = formats.load_synthetic((out / "synthetic.safetensors").read_bytes(),
                                                    "s")
     assert torch.isfinite(images).all() and info["iteration"] == 0
+
+
+def test_run_writes_tensorboard_events_matching_the_metrics(tiny_run):
+    import pyarrow.parquet as pq
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tb"), size_guidance={"images": 0}).Reload()
+    rows = pq.read_table(tiny_run / "metrics.parquet").to_pylist()
+    acc = events.Scalars("eval/acc_mean")
+    assert [e.step for e in acc] == [r["iteration"] for r in rows]
+    assert [e.value for e in acc] == pytest.approx([r["acc_mean"] for r in rows])
+    assert [e.step for e in events.Scalars("distill/loss")] == list(range(4))
+    assert [e.step for e in events.Images("synthetic")] == [r["iteration"] for r in rows]
