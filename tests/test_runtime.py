@@ -225,3 +225,22 @@ def test_job_entrypoint_fails_fast_with_one_line_and_writes_nothing(env, args, m
     assert "Traceback" not in proc.stderr
     assert time.perf_counter() - started < 60
     assert not out.exists()
+
+
+def test_codec_round_trip_shares_memory_and_rejects_another_network(tiny_ctx, tiny_experts):
+    from mct_ray.errors import FormatError
+    from mct_ray.nets import make_spec
+    from mct_ray.runtime.codec import expert_from_numpy, expert_to_numpy
+
+    expert = tiny_experts[0]
+    d = expert_to_numpy(expert, tiny_ctx.spec)
+    back = expert_from_numpy(d, tiny_ctx.spec)
+    assert torch.equal(back.convex.anchors, expert.convex.anchors)
+    assert torch.equal(back.convex.beta, expert.convex.beta)
+    assert torch.equal(back.full.checkpoints, expert.full.checkpoints)
+    assert back.convex.anchors.data_ptr() == expert.convex.anchors.data_ptr()  # no copy
+    assert back.convex.point(1.5).equal(expert.convex.point(1.5))
+    other = make_spec(tiny_ctx.cfg.replace(**{"net.width": 16}).net, tiny_ctx.data.shape,
+                      tiny_ctx.data.num_classes)
+    with pytest.raises(FormatError, match="trained for another network"):
+        expert_from_numpy(d, other)

@@ -43,42 +43,39 @@ def _layout(spec: NetSpec) -> list[list]:
     return [[name, list(shape)] for name, shape in spec.param_shapes()]
 
 
+def _check_layout(d: dict, spec: NetSpec) -> None:
+    if d["layout"] != _layout(spec):
+        raise FormatError(f"expert {d['expert_id']} was trained for another network: "
+                          f"{d['layout']} != {_layout(spec)}")
+
+
+def trajectory_to_numpy(traj: Trajectory, expert_id: int, spec: NetSpec) -> dict:
+    """One expert's convex (endpoints, anchors, beta) or full trajectory."""
+    convex = isinstance(traj, ConvexTrajectory)
+    return {"expert_id": expert_id, "init_seed": None, "test_acc": None,
+            "info": dict(traj.info), "layout": _layout(spec),
+            "anchor_epochs": list(traj.anchor_epochs) if convex else None,
+            "anchors": traj.anchors.numpy() if convex else None,  # (num_anchors, P) float32
+            "beta": traj.beta.numpy() if convex else None,  # (T, K+1) float32
+            "full": None if convex else traj.checkpoints.numpy()}  # (K+1, P) float32
+
+
 def expert_to_numpy(result: ExpertResult, spec: NetSpec) -> dict:
-    convex = result.convex
-    return {"expert_id": result.expert_id, "init_seed": result.init_seed,
-            "test_acc": result.test_acc, "info": dict(convex.info), "layout": _layout(spec),
-            "anchor_epochs": list(convex.anchor_epochs),
-            "anchors": convex.anchors.numpy(),  # (num_anchors, P) float32
-            "beta": convex.beta.numpy(),  # (T, K+1) float32
+    """A freshly trained expert: its convex trajectory, and the full one when kept."""
+    return {**trajectory_to_numpy(result.convex, result.expert_id, spec),
+            "init_seed": result.init_seed, "test_acc": result.test_acc,
             "full": None if result.full is None else result.full.checkpoints.numpy()}
 
 
 def expert_from_numpy(d: dict, spec: NetSpec) -> ExpertResult:
-    if d["layout"] != _layout(spec):
-        raise FormatError(f"expert {d['expert_id']} was trained for another network: "
-                          f"{d['layout']} != {_layout(spec)}")
-    convex = ConvexTrajectory(spec, tuple(d["anchor_epochs"]), as_tensor(d["anchors"]),
-                              as_tensor(d["beta"]), d["info"])
-    full = None if d["full"] is None else FullTrajectory(spec, as_tensor(d["full"]), d["info"])
+    convex = trajectory_from_numpy(d, spec, full=False)
+    full = None if d["full"] is None else trajectory_from_numpy(d, spec, full=True)
     return ExpertResult(d["expert_id"], convex, full, d["init_seed"], d["test_acc"])
-
-
-def trajectory_to_numpy(traj: Trajectory, expert_id: int, spec: NetSpec) -> dict:
-    """A trajectory loaded from storage (no training result around it)."""
-    if isinstance(traj, FullTrajectory):
-        return {"expert_id": expert_id, "init_seed": None, "test_acc": None,
-                "info": dict(traj.info), "layout": _layout(spec), "anchor_epochs": None,
-                "anchors": None, "beta": None, "full": traj.checkpoints.numpy()}
-    return {"expert_id": expert_id, "init_seed": None, "test_acc": None, "info": dict(traj.info),
-            "layout": _layout(spec), "anchor_epochs": list(traj.anchor_epochs),
-            "anchors": traj.anchors.numpy(), "beta": traj.beta.numpy(), "full": None}
 
 
 def trajectory_from_numpy(d: dict, spec: NetSpec, full: bool) -> Trajectory:
     """The convex (MCT) or full (MTT) trajectory of one expert, sharing the arrays."""
-    if d["layout"] != _layout(spec):
-        raise FormatError(f"expert {d['expert_id']} was trained for another network: "
-                          f"{d['layout']} != {_layout(spec)}")
+    _check_layout(d, spec)
     if full:
         if d["full"] is None:
             raise FormatError(f"expert {d['expert_id']} has no full trajectory; method mtt "
