@@ -1,4 +1,4 @@
-"""`mct-ray` console command: run | experts | distill | eval.
+"""`mct-ray` console command: run | experts | distill | eval | grid.
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 anything else.
 """
@@ -15,7 +15,7 @@ import time
 from mct_ray import formats, pipeline
 from mct_ray import storage as layout
 from mct_ray.config import Config, load_config
-from mct_ray.errors import MctRayError
+from mct_ray.errors import ConfigError, MctRayError
 from mct_ray.evaluate import evaluate
 from mct_ray.storage import Storage
 
@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--local", action="store_true",
                        help="run in this one process, without Ray (default: on the Ray "
                        "cluster of RAY_ADDRESS, or a local Ray started for the job)")
+    g = sub.add_parser("grid", help="data sets x ipc x method x seed on Ray Tune")
+    g.add_argument("--spec", default=None, help="named grid (default: digits) or a .yaml file")
+    g.add_argument("--out", default=None, help="grid folder or URI "
+                   "(default: runs/grid-<spec>-<timestamp>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the grid in --out: only its unfinished cells run")
+    g.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every cell, e.g. distill.iterations=100")
     return parser
 
 
@@ -111,9 +119,21 @@ def _commands(local: bool) -> dict:
     return ray_commands
 
 
+def cmd_grid(args: argparse.Namespace):
+    """The grid, always on Ray (Tune); its summary table is printed before the JSON."""
+    _commands(local=False)
+    from mct_ray.runtime.grid import run_grid
+
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs the --out of the grid to continue")
+    name = (args.spec or "digits").rsplit("/", 1)[-1].split(".")[0]
+    out = args.out or f"runs/grid-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_grid(args.spec, args.overrides, out, args.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "grid", "-h", "--help"):
         argv = ["run", *argv]
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
@@ -123,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = _config(args)
-        result = _commands(args.local)[args.command](cfg, args)
+        if args.command == "grid":
+            grid = cmd_grid(args)
+            print(grid.table)
+            result, out = grid.to_dict(), grid.out
+        else:
+            cfg = _config(args)
+            result, out = _commands(args.local)[args.command](cfg, args), cfg.run.out
     except MctRayError as exc:
         print(f"mct-ray: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -132,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         print("mct-ray: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(result, indent=2))
-    print(f"outputs in {cfg.run.out}", file=sys.stderr)
+    print(f"outputs in {out}", file=sys.stderr)
+    if args.command == "grid" and grid.failed:
+        first = next(iter(grid.failed.items()))
+        print(f"mct-ray: error: {len(grid.failed)} grid cell(s) failed (first: {first[0]}: "
+              f"{first[1]}); continue with --resume --out {out}", file=sys.stderr)
+        return 1
     return 0
 
 
