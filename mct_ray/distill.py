@@ -111,32 +111,64 @@ def match_loss(final: list[torch.Tensor], seg: Segment) -> torch.Tensor:
     return num / den
 
 
+# On CPU the student's batch is processed in chunks whose first-block activations stay
+# under this size: glibc serves blocks above 32 MiB with a fresh mmap (a page fault per 4 KiB
+# on every call) and reuses smaller ones from its heap. bench/NOTES.md has the measurement.
+CPU_CHUNK_BYTES = 16 * 2**20
+
+
+def num_chunks(spec: NetSpec, x: torch.Tensor) -> int:
+    """How many pieces the student's batch x (B, C, H, W) is split into (1 off the CPU)."""
+    if x.device.type != "cpu":
+        return 1
+    per_sample = spec.width * x.shape[-2] * x.shape[-1] * x.element_size()
+    return min(len(x), math.ceil(len(x) * per_sample / CPU_CHUNK_BYTES))
+
+
 class Student:
     """The student's SGD step as a function of (parameters, images, step size)."""
 
-    def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter):
-        self.spec, self.labels, self.aug = spec, labels, aug
+    autocast_devices = ("cuda",)  # where distill.autocast applies; tests add "cpu"
+
+    def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter,
+                 autocast: str = "none"):
+        self.spec, self.labels, self.aug, self.autocast = spec, labels, aug, autocast
+
+    def loss(self, params: list[torch.Tensor], images: torch.Tensor, plan: StepPlan
+             ) -> torch.Tensor:
+        """Mean cross-entropy of the augmented minibatch, summed chunk by chunk."""
+        x = self.aug.apply(images[plan.indices], plan.aug)  # (B, C, H, W)
+        y = self.labels[plan.indices]
+        pieces = num_chunks(self.spec, x)
+        use_bf16 = self.autocast == "bf16" and x.device.type in self.autocast_devices
+        total = 0.0
+        for xc, yc in zip(x.tensor_split(pieces), y.tensor_split(pieces)):
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=use_bf16):
+                logits = self.spec.forward(params, xc)
+            logits = logits.to(params[-1].dtype)  # the loss in the parameters' precision
+            total = total + F.cross_entropy(logits, yc, reduction="sum")
+        return total / len(x)
 
     def step(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
-             plan: StepPlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One SGD step, differentiable; returns (new parameters, gradients).
+             plan: StepPlan, create_graph: bool = True
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One SGD step; returns (new parameters, gradients), differentiable w.r.t.
+        (params, images, step size) when create_graph is set.
 
-        Gradients always take the double-differentiable path (create_graph=True), also when
-        the caller drops the graph: the fused first-order kernels (e.g. group norm's) round
-        differently, and the recomputing modes must reproduce the forward pass bit for bit.
+        The step computes the same bits with and without create_graph (the net's ops run the
+        same kernels on both paths, see nets.py), so the recomputing modes replay exactly.
         """
-        x = self.aug.apply(images[plan.indices], plan.aug)
-        loss = F.cross_entropy(self.spec.forward(params, x), self.labels[plan.indices])
-        grads = torch.autograd.grad(loss, params, create_graph=True)
+        loss = self.loss(params, images, plan)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
         return [p - step_size * g for p, g in zip(params, grads)], list(grads)
 
     def run(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
             plans: list[StepPlan], keep_graph: bool) -> list[torch.Tensor]:
-        """N steps; with keep_graph=False the graph is dropped after every step."""
+        """N steps; with keep_graph=False no graph is built beyond one step's first order."""
         for plan in plans:
             if not keep_graph:  # a fresh leaf each step, sharing storage (no copy)
                 params = [p.detach().requires_grad_() for p in params]
-            params, _ = self.step(params, images, step_size, plan)
+            params, _ = self.step(params, images, step_size, plan, create_graph=keep_graph)
         return params if keep_graph else [p.detach() for p in params]
 
 
@@ -220,7 +252,7 @@ class Distiller:
         self.step_size = torch.tensor(cfg.lr_teacher, device=device).requires_grad_()
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
-        self.student = Student(spec, self.labels, aug)
+        self.student = Student(spec, self.labels, aug, cfg.autocast)
         self.iteration = 0
         self.bad_streak = 0
 

@@ -82,10 +82,10 @@ def _convnet_forward(spec: NetSpec, params: Sequence[torch.Tensor], x: torch.Ten
                      ) -> torch.Tensor:
     it = iter(params)
     for _ in range(spec.depth):
-        x = F.conv2d(x, next(it), next(it), padding=1)
+        x = conv3x3(x, next(it), next(it))
         if spec.norm == "instancenorm":
             # Instance norm with affine parameters, as GroupNorm(width, width) in MTT.
-            x = F.group_norm(x, spec.width, next(it), next(it), eps=1e-5)
+            x = instance_norm(x, next(it), next(it))
         x = F.avg_pool2d(F.relu(x), 2)
     return F.linear(x.flatten(1), next(it), next(it))
 
@@ -104,6 +104,138 @@ def _convnet_init(spec: NetSpec, gen: torch.Generator) -> list[torch.Tensor]:
             bound = 1.0 / math.sqrt(fan_in)
             out.append((torch.rand(shape, generator=gen) * 2 - 1) * bound)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Conv and instance norm with a hand-written second derivative.
+#
+# Distillation differentiates the student's gradient (double backward). Both ops run the
+# same native kernels as F.conv2d / F.group_norm in the forward pass and in the first
+# backward, so first-order results are bit-identical to the built-ins, with or without
+# create_graph; only the backward of the backward is ours, for speed (bench/NOTES.md):
+#   group norm: autograd's infinitely differentiable composite writes ~15 full-size
+#     temporaries per call; ours needs 4 and three per-plane reductions.
+#   conv: autograd computes d(grad_weight)/d(input) as a convolution with batch and channels
+#     swapped, ~3x slower than the native weight-gradient kernel that we call instead.
+
+_EPS = 1e-5
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1)."""
+    return _Conv3x3.apply(x, weight, bias)
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """F.group_norm(x, channels, weight, bias, eps=1e-5): each (sample, channel) plane."""
+    return _InstanceNorm.apply(x, weight, bias)
+
+
+def _conv_backward(grad_out, x, weight, mask):
+    # (grad wrt x of conv(x, weight), grad wrt weight, grad wrt bias), each where mask says.
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        list(mask))
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        return _Conv3x3Backward.apply(grad_out, x, weight, tuple(ctx.needs_input_grad))
+
+
+class _Conv3x3Backward(torch.autograd.Function):
+    """(gy, x, W) -> (gx, gW, gb); linear in gy, and in x and W separately."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, mask):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_out, x, weight)
+        return _conv_backward(grad_out, x, weight, mask)
+
+    @staticmethod
+    def backward(ctx, g_gx, g_gw, g_gb):
+        # S = <g_gx, gx> + <g_gw, gW> + <g_gb, gb> with gx = conv^T(gy, W), gW = corr(x, gy),
+        # gb = sum(gy):  dS/dgy = conv(g_gx, W) + conv(x, g_gw) + g_gb,
+        #                dS/dW = corr(g_gx, gy),  dS/dx = conv^T(gy, g_gw).
+        grad_out, x, weight = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        d_gy = d_x = d_w = None
+        if need_gy:
+            if g_gw is not None or g_gb is not None:
+                d_gy = F.conv2d(x, torch.zeros_like(weight) if g_gw is None else g_gw, g_gb,
+                                padding=1)
+            if g_gx is not None:
+                term = F.conv2d(g_gx, weight, padding=1)
+                d_gy = term if d_gy is None else d_gy.add_(term)
+        mask = (need_x and g_gw is not None, need_w and g_gx is not None, False)
+        if any(mask):
+            d_x, d_w, _ = _conv_backward(grad_out, x if g_gx is None else g_gx,
+                                         weight if g_gw is None else g_gw, mask)
+        return d_gy, d_x, d_w, None
+
+
+class _InstanceNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        n, c, h, w = x.shape
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, c, _EPS)
+        ctx.save_for_backward(x, weight, mean, rstd)  # mean, rstd: (N, C)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, rstd = ctx.saved_tensors
+        return _InstanceNormBackward.apply(grad_out, x, weight, mean, rstd)
+
+
+class _InstanceNormBackward(torch.autograd.Function):
+    """(gy, x, w) -> (gx, gw, gb). Per plane, with xh = (x - mean) * rstd, a = mean(gy),
+    c = mean(gy xh):  gx = w rstd (gy - a - xh c),  gw = sum_n M c,  gb = sum_n M a."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, mean, rstd):
+        n, c, h, w = x.shape
+        ctx.save_for_backward(grad_out, x, weight, mean, rstd)
+        return tuple(torch.ops.aten.native_group_norm_backward(
+            grad_out, x, mean, rstd, weight, n, c, h * w, c, [True, True, True]))
+
+    @staticmethod
+    def backward(ctx, g_gx, g_gw, g_gb):
+        gy, x, weight, mean, rstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        mean, rstd = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
+        wr = rstd * weight[:, None, None]
+        xh = (x - mean).mul_(rstd)
+        scratch = torch.empty_like(x)
+
+        def plane_mean(u, v):  # (N, C, 1, 1): mean of u * v over each plane
+            return torch.mul(u, v, out=scratch).mean((2, 3), keepdim=True)
+
+        a, c_ = gy.mean((2, 3), keepdim=True), plane_mean(gy, xh)
+        s_g = g_gx.mean((2, 3), keepdim=True)
+        s_gxh, s_gy = plane_mean(g_gx, xh), plane_mean(g_gx, gy)
+        del scratch
+        # S = <g_gx, gx> + <g_gw, gw> + <g_gb, gb>; d/dgy, d/dw directly; d/dx through xh
+        # and rstd: dS/dx = rstd (G - mean(G) - xh (mean(G xh) + mean(g_gx gx))), where
+        # G = dS/dxh at fixed rstd = gy alpha - g_gx w rstd c.
+        alpha = g_gw[:, None, None] - wr * s_gxh
+        inner = s_gy - a * s_g - c_ * s_gxh  # mean(g_gx (gy - a - xh c)) per plane
+        d_w = (rstd * inner).sum((0, 2, 3)) * (h * w)
+        wrc = wr * c_
+        mean_g = a * alpha - s_g * wrc
+        mean_g_xh = c_ * alpha - s_gxh * wrc
+        d_x = torch.mul(gy, rstd * alpha)
+        d_x.addcmul_(g_gx, -rstd * wrc).addcmul_(xh, -rstd * (mean_g_xh + wr * inner))
+        d_x.sub_(rstd * mean_g)
+        d_gy = xh.mul_(alpha).addcmul_(g_gx, wr).add_(g_gb[:, None, None] - wr * s_g)
+        return d_gy, d_x, d_w, None, None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
