@@ -269,8 +269,10 @@ def _fit(grid: Grid, store: Storage, groups: dict, resume: bool) -> tuple[tune.R
     restarts = max(c.cfg.ray.distill_restarts for c in grid.cells)
     tuner = tune.Tuner(
         trainable, param_space={"cell": tune.grid_search([c.id for c in grid.cells])},
+        # reuse_actors: a finished cell's process (torch imported, data mapped) runs the
+        # next cell with the same resources; every cell seeds its own generators.
         tune_config=tune.TuneConfig(trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
+                                    trial_dirname_creator=_trial_name, reuse_actors=True),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=store.root,
                                   storage_filesystem=store.fs, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=restarts)))
