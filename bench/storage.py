@@ -4,7 +4,7 @@ Trains one expert per shape for 50 epochs on `random` data of that shape (a few 
 it is quick: the byte counts depend on the parameter count and K, not on the data) and
 serialises it both ways, plus MCT with theta(0) stored as its seed.
 
-    python bench/storage.py            # last line: storage_ratio_cifar10=<value>
+    python bench/storage.py     # last line: storage_ratio_seed_cifar10=<value>
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def main() -> None:
     plot(rows)
     print_table(rows)
     cifar = next(r for r in rows if r["shape"] == rows[0]["shape"])
-    print(f"storage_ratio_seed_{cifar['shape']}={cifar['ratio_seed']:.5f}")
     print(f"storage_ratio_{cifar['shape']}={cifar['ratio']:.5f}")
+    print(f"storage_ratio_seed_{cifar['shape']}={cifar['ratio_seed']:.5f}")
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def _convnet_forward(spec: NetSpec, params: Sequence[torch.Tensor], x: torch.Ten
         if spec.norm == "instancenorm":
             # Instance norm with affine parameters, as GroupNorm(width, width) in MTT.
             x = instance_norm(x, next(it), next(it))
-        x = F.avg_pool2d(F.relu(x), 2)
+        x = avg_pool2(F.relu(x))
     return F.linear(x.flatten(1), next(it), next(it))
 
 
@@ -123,12 +123,40 @@ _EPS = 1e-5
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1)."""
-    return _Conv3x3.apply(x, weight, bias)
+    low = _autocast_dtype(x)
+    if low is None:
+        return _Conv3x3.apply(x, weight, bias)
+    # Under autocast, cast outside the Function so that the casts are on the graph (the
+    # double backward must reach x and weight), then run at that precision.
+    with torch.autocast(x.device.type, enabled=False):
+        return _Conv3x3.apply(x.to(low), weight.to(low), bias.to(low))
 
 
 def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.group_norm(x, channels, weight, bias, eps=1e-5): each (sample, channel) plane."""
-    return _InstanceNorm.apply(x, weight, bias)
+    if _autocast_dtype(x) is None:
+        return _InstanceNorm.apply(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):  # normalisation stays in float32
+        return _InstanceNorm.apply(x.float(), weight.float(), bias.float())
+
+
+def avg_pool2(x: torch.Tensor) -> torch.Tensor:
+    """F.avg_pool2d(x, 2): the mean of each 2x2 block (odd sizes drop the last row/column)."""
+    return _AvgPool2.apply(x)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _engine_uses(t: torch.Tensor) -> bool:
+    """Whether the backward pass running now propagates a gradient into t."""
+    try:
+        node = torch.autograd.graph.get_gradient_edge(t).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # private API gone or no pass running: be safe
+        return True
 
 
 def _conv_backward(grad_out, x, weight, mask):
@@ -147,7 +175,11 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        return _Conv3x3Backward.apply(grad_out, x, weight, tuple(ctx.needs_input_grad))
+        need_x, need_w, need_b = ctx.needs_input_grad
+        # The student's inner gradient is w.r.t. the parameters only: the first layer's
+        # input (the images) requires grad for the outer pass, not for this one.
+        need_x = need_x and _engine_uses(x)
+        return _Conv3x3Backward.apply(grad_out, x, weight, (need_x, need_w, need_b))
 
 
 class _Conv3x3Backward(torch.autograd.Function):
@@ -179,6 +211,46 @@ class _Conv3x3Backward(torch.autograd.Function):
             d_x, d_w, _ = _conv_backward(grad_out, x if g_gx is None else g_gx,
                                          weight if g_gw is None else g_gw, mask)
         return d_gy, d_x, d_w, None
+
+
+def _pool2(x: torch.Tensor) -> torch.Tensor:
+    # Two strided adds: 4x faster on CPU than F.avg_pool2d's kernel (bench/NOTES.md).
+    h, w = x.shape[-2] // 2, x.shape[-1] // 2
+    rows = x[..., 0:2 * h:2, :2 * w] + x[..., 1:2 * h:2, :2 * w]  # (N, C, h, 2w)
+    return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)
+
+
+def _unpool2(g: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # The adjoint of _pool2: each value / 4 into its 2x2 block, zeros where it dropped.
+    n, c, h, w = g.shape
+    up = (g * 0.25).repeat_interleave(2, dim=3)  # (N, C, h, 2w)
+    up = up[:, :, :, None, :].expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
+    if tuple(size) != (2 * h, 2 * w):
+        up = F.pad(up, (0, size[1] - 2 * w, 0, size[0] - 2 * h))
+    return up
+
+
+class _AvgPool2(torch.autograd.Function):
+    """Linear, so its backward is its adjoint _Unpool2 and vice versa, to any order."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.size = tuple(x.shape[-2:])
+        return _pool2(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _Unpool2.apply(grad_out, ctx.size)
+
+
+class _Unpool2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, size):
+        return _unpool2(g, size)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _AvgPool2.apply(grad_out), None
 
 
 class _InstanceNorm(torch.autograd.Function):

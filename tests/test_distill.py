@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig
 from mct_ray.distill import (Distiller, Segment, Student, grad_checkpoint, grad_tesla,
-                             grad_unroll, match_loss, plan_unroll, sample_segment)
+                             grad_unroll, match_loss, num_chunks, plan_unroll, sample_segment)
 from mct_ray.errors import DivergenceError
-from mct_ray.nets import ConvNet, NetSpec
+from mct_ray.nets import ConvNet, NetSpec, conv3x3, instance_norm
 from mct_ray.rng import generator
 from mct_ray.trajectory import unflatten
 
@@ -281,3 +281,91 @@ def _unroll_and_checkpoint_grads() -> dict:
             grad_checkpoint(student, x, lr, seg, plans, 0)
         grads[mode] = (x.grad, lr.grad)
     return grads
+
+
+# ---------------------------------------------------------------------------------------
+# The fast student (nets.conv3x3 / nets.instance_norm, chunked batches, bf16 autocast).
+
+def test_conv_and_instance_norm_second_derivatives_match_autograd_numerics():
+    """Hand-written double backward against finite differences (gradgradcheck), float64."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
+    x, w, b = rand(2, 3, 6, 6), rand(4, 3, 3, 3), rand(4)
+    assert torch.autograd.gradgradcheck(conv3x3, (x, w, b))
+    x, w, b = rand(3, 4, 5, 6), rand(4), rand(4)
+    assert torch.autograd.gradgradcheck(instance_norm, (x, w, b))
+
+
+def test_fast_ops_first_order_equals_the_builtins_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 32, 32, generator=gen).requires_grad_()
+    w = torch.randn(16, 16, 3, 3, generator=gen).requires_grad_()
+    b, g = torch.randn(16, generator=gen).requires_grad_(), torch.randn(16, generator=gen)
+    g.requires_grad_()
+    ours = instance_norm(conv3x3(x, w, b), g, b)
+    theirs = F.group_norm(F.conv2d(x, w, b, padding=1), 16, g, b, eps=1e-5)
+    assert torch.equal(ours, theirs)
+    for create_graph in (False, True):
+        a = torch.autograd.grad((ours ** 2).sum(), [x, w, b, g], create_graph=create_graph,
+                                retain_graph=True)
+        e = torch.autograd.grad((theirs ** 2).sum(), [x, w, b, g], retain_graph=True)
+        assert all(torch.equal(u, v) for u, v in zip(a, e))
+
+
+def _cifar_student(num_images: int, autocast: str = "none"):
+    spec = NetSpec("convnet", channels=3, resolution=32, num_classes=10, width=128, depth=3,
+                   norm="instancenorm")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(num_images, 3, 32, 32, generator=gen)
+    labels = torch.arange(num_images) % 10
+    aug = Augmenter(AugmentConfig())
+    plans = plan_unroll(num_images, 0, 2, 32, aug, gen)
+    return Student(spec, labels, aug, autocast), spec.init_params(gen), images, plans
+
+
+def test_student_step_has_the_same_bits_with_and_without_a_graph():
+    """What lets checkpoint/tesla sweep forward without building the double backward."""
+    student, params, images, plans = _cifar_student(40)
+    assert num_chunks(student.spec, images) == 2  # the chunked path is the one tested
+    lr = torch.tensor(0.01)
+    first, _ = student.step([leaf(p) for p in params], images, lr, plans[0], create_graph=False)
+    second, _ = student.step([leaf(p) for p in params], leaf(images), lr.requires_grad_(),
+                             plans[0], create_graph=True)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(first, second))
+
+
+def test_chunked_loss_equals_the_whole_batch(monkeypatch):
+    images, labels, seg, aug, plans = problem()
+    student = Student(SPEC, labels, aug)
+    whole = student.loss(seg.start, images, plans[0])
+    monkeypatch.setattr("mct_ray.distill.CPU_CHUNK_BYTES", 1)  # one image per chunk
+    assert num_chunks(SPEC, images[plans[0].indices]) == len(plans[0].indices)
+    assert float(student.loss(seg.start, images, plans[0])) == pytest.approx(float(whole),
+                                                                              rel=1e-14)
+    loss_chunked, gx_chunked, _ = grads_of("unroll", dtype=torch.float64)
+    monkeypatch.undo()
+    loss_whole, gx_whole, _ = grads_of("unroll", dtype=torch.float64)
+    assert loss_chunked == pytest.approx(loss_whole, rel=1e-12)
+    torch.testing.assert_close(gx_chunked, gx_whole, rtol=1e-10, atol=1e-14)
+
+
+def test_bf16_autocast_runs_exactly_replayable_and_close_to_float32(monkeypatch):
+    """distill.autocast=bf16 only acts on CUDA; the same code path is exercised here through
+    CPU autocast: checkpoint still replays unroll exactly, and the gradient stays close."""
+    monkeypatch.setattr(Student, "autocast_devices", ("cuda", "cpu"))
+    student, params, images, plans = _cifar_student(10, "bf16")
+    target = [p + 0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+              for p in params]
+    seg = Segment(0, 0.0, 1.0, params, target)
+    out = {}
+    for name, mode_student in (("unroll", student), ("checkpoint", student),
+                               ("fp32", Student(student.spec, student.labels, student.aug))):
+        x, lr = leaf(images), torch.tensor(0.01, requires_grad=True)
+        if name == "checkpoint":
+            grad_checkpoint(mode_student, x, lr, seg, plans, 0)
+        else:
+            grad_unroll(mode_student, x, lr, seg, plans)
+        out[name] = x.grad
+    assert torch.equal(out["unroll"], out["checkpoint"])
+    cos = F.cosine_similarity(out["unroll"].flatten(), out["fp32"].flatten(), dim=0)
+    assert 0.97 < float(cos) < 1.0
