@@ -80,10 +80,12 @@ class Grid:
     cells: tuple[Cell, ...]
     groups: tuple[ExpertGroup, ...]
     eval_workers: int
+    spec_text: str  # the spec as read, so a resumed grid can be rebuilt and compared
 
     def to_dict(self) -> dict:
         """What grid.json holds: every resolved cell config, so a resumed grid is this one."""
         return {"version": 1, "name": self.name, "eval_workers": self.eval_workers,
+                "spec_text": self.spec_text,
                 "cells": [{"id": c.id, "dataset": c.dataset, "ipc": c.ipc, "method": c.method,
                            "seed": c.seed, "group": c.group, "cfg": c.cfg.to_dict()}
                           for c in self.cells],
@@ -247,10 +249,12 @@ def _cell_config(spec: dict, ds: str, ipc: int, method: str, seed: int,
         raise ConfigError(f"grid cell {ds}-ipc{ipc}-{method}-seed{seed}: {exc}") from None
 
 
-def build_grid(name: str, overrides: list[str] | None = None) -> Grid:
+def build_grid(name: str, overrides: list[str] | None = None, text: str | None = None) -> Grid:
     """Every cell's config, validated now (a bad one fails before any work), and the expert
-    groups they share. Cells come largest ipc first, so the longest start first."""
-    spec = parse_spec(_spec_text(name), name)
+    groups they share. Cells come largest ipc first, so the longest start first. `text`:
+    the spec itself (e.g. as stored in grid.json) instead of reading `name`."""
+    text = _spec_text(name) if text is None else text
+    spec = parse_spec(text, name)
     cli = parse_overrides(list(overrides or []))
     _flat("the command-line overrides", cli)
     cells = [Cell(f"{ds}-ipc{ipc}-{m}-seed{s}", ds, ipc, m, s, "",
@@ -278,7 +282,7 @@ def build_grid(name: str, overrides: list[str] | None = None) -> Grid:
             raise ConfigError(f"grid cell {cell.id}: the distiller and the evaluations must "
                               "each ask for some CPU or GPU (ray.*_num_cpus / ray.*_num_gpus)")
     return Grid(name.rsplit("/", 1)[-1].split(".")[0], out, tuple(groups),
-                spec["eval_workers"])
+                spec["eval_workers"], text)
 
 
 def grid_from_dict(d: dict) -> Grid:
@@ -289,7 +293,7 @@ def grid_from_dict(d: dict) -> Grid:
                        from_dict(c["cfg"])) for c in d["cells"])
     groups = tuple(ExpertGroup(g["name"], from_dict(g["cfg"]), tuple(g["methods"]))
                    for g in d["groups"])
-    return Grid(d["name"], cells, groups, d["eval_workers"])
+    return Grid(d["name"], cells, groups, d["eval_workers"], d["spec_text"])
 
 
 def describe_difference(a: Grid, b: Grid) -> str | None:

@@ -244,6 +244,15 @@ def test_a_grid_folder_is_not_reused_by_mistake(finished_grid, capsys):
                                                              "--out", str(out)])
     assert "differs from the one in" in one_line_error(
         capsys, ["grid", "--spec", spec, "--out", str(out), "--resume", "eval.epochs=4"])
+    assert "eval.epochs = 3 != 4" in one_line_error(  # rebuilt from the spec it stored
+        capsys, ["grid", "--out", str(out), "--resume", "eval.epochs=4"])
+    from mct_ray.runtime.grid import _resolve
+    from mct_ray.storage import Storage
+
+    store = Storage.open(str(out))
+    stored = json.loads((out / "grid.json").read_text())
+    for again in ((spec, []), (None, ["eval.epochs=3"]), (None, [])):  # the same grid
+        assert json.loads(json.dumps(_resolve(store, *again, resume=True).to_dict())) == stored
 
 
 def _done(out: Path) -> set[str]:

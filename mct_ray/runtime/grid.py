@@ -67,11 +67,11 @@ class GridOutcome:
     wall_seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        base = self.out.rstrip("/")
+        store = Storage.open(self.out)
         return {"cells": len(self.rows) + len(self.failed), "finished": len(self.rows),
                 "failed": self.failed, "resumed": self.resumed,
                 "wall_seconds": round(self.wall_seconds, 1),
-                "table": f"{base}/{TABLE}", "plot": f"{base}/{PLOT}"}
+                "table": store.uri_of(TABLE), "plot": store.uri_of(PLOT)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,7 +184,9 @@ def _resolve(store: Storage, spec: str | None, overrides: list[str], resume: boo
                               "or choose another --out")
         stored = grid_from_dict(store.read_json(GRID_JSON))
         if spec or overrides:
-            diff = describe_difference(stored, build_grid(spec or stored.name, overrides))
+            given = build_grid(spec, overrides) if spec else \
+                build_grid(stored.name, overrides, stored.spec_text)
+            diff = describe_difference(stored, given)
             if diff:
                 raise ConfigError(f"--resume: the grid given differs from the one in "
                                   f"{store.uri_of(GRID_JSON)} ({diff}); give no spec or "
@@ -192,9 +194,7 @@ def _resolve(store: Storage, spec: str | None, overrides: list[str], resume: boo
         return stored
     if resume:
         log.info("nothing to resume in %s: starting the grid", store.uri)
-    grid = build_grid(spec or "digits", overrides)
-    store.write_json(GRID_JSON, grid.to_dict())
-    return grid
+    return build_grid(spec or "digits", overrides)
 
 
 def _check_fits(grid: Grid, own_ray: bool) -> None:
@@ -304,6 +304,8 @@ def run_grid(spec: str | None, overrides: list[str], out: str, resume: bool) -> 
     try:
         started_ray = connect(grid.cells[0].cfg.ray)
         _check_fits(grid, started_ray)
+        if not store.exists(GRID_JSON):  # only now: a grid that could not start left nothing
+            store.write_json(GRID_JSON, grid.to_dict())
         shared = _prepare_experts(grid, store)
         results, restored = _fit(grid, store, shared, resume)
         failed = _failures(results)
