@@ -3,19 +3,24 @@ the original MTT code does it: one flat parameter vector, MTT's functional forwa
 (F.conv2d / F.group_norm / F.relu / F.avg_pool2d / F.linear, autograd's own double backward),
 `torch.autograd.grad(create_graph=True)` each step.
 
+Modes: unroll, checkpoint (distill.checkpoint_segments=0: ~sqrt(N) segments), checkpoint-1
+(one step per segment: every step's parameters kept, 1.3 MB each here), tesla (approximate).
 Timing: every mode and the reference run interleaved in one process on the same inputs
-(segment, minibatches, DSA parameters); the order rotates every round and the first round is
-a warm-up. Speed-up = median over rounds of (reference seconds / mode seconds) in that round.
+(segment, minibatches, DSA parameters); the order rotates every round, after a warm-up round.
+Speed-up = median over rounds of (reference seconds / mode seconds) in that round.
 Exactness: (1) float64 at the same network shape, ipc 2, N=4: every exact mode's image and
 step-size gradients equal the reference's to 1e-9; (2) float32 at the timed shape: the
 relative difference to the reference is reported next to the reference's own spread (its
-gradient after a one-ulp change of the start parameters); float32 unrolls of this length are
-ill-conditioned, so bit-level differences in any kernel show at that size.
-Memory: each mode runs in a fresh process (spawned, nothing inherited); the baseline is taken
-after building the model and data there. CPU: the peak resident set during one iteration
-(VmHWM, reset through /proc/self/clear_refs after set-up) minus the resident set after
-set-up. GPU: torch.cuda.max_memory_allocated minus the allocation after set-up.
-FLOPs: counted once with torch.utils.flop_counter at N=1 and N=2 and extrapolated linearly.
+gradient after a one-ulp change of the start parameters, measured in a full warm-up round);
+float32 unrolls of this length are ill-conditioned, so rounding differences show at 1e-3.
+Memory: each mode runs once more in a fresh process (nothing inherited), the baseline taken
+after building the model and data there. CPU, two measures: rss = peak resident set during
+the iteration (VmHWM, reset through /proc/self/clear_refs) minus the resident set after
+set-up, which includes what glibc keeps of freed blocks; alloc = peak of the bytes held by
+tensors (torch.profiler's allocation tracking, the CPU counterpart of the GPU measure).
+GPU: torch.cuda.max_memory_allocated minus the allocation after set-up (both columns).
+FLOPs: counted once with torch.utils.flop_counter at N=1 and N=2 and extrapolated linearly;
+achieved TFLOP/s is set against a measured float32 matmul peak of the device.
 
     python bench/unroll_speed.py                       # CIFAR-10 shape, ipc 10, N 30
     python bench/unroll_speed.py --shape tinyimagenet  # ConvNetD4, 64x64, 200 classes
@@ -48,9 +53,10 @@ from mct_ray.distill import (Segment, Student, grad_checkpoint, grad_tesla,  # n
 from mct_ray.nets import make_spec  # noqa: E402
 from mct_ray.trajectory import flatten, unflatten  # noqa: E402
 
-SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "tinyimagenet": (3, 64, 200)}
-MODES = ("reference", "unroll", "checkpoint", "tesla")
-EXACT = ("unroll", "checkpoint")
+SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "tinyimagenet": (3, 64, 200),
+          "digits28": (1, 28, 10)}  # digits28: MNIST-sized, for comparison with MTT's code
+MODES = ("reference", "unroll", "checkpoint", "checkpoint-1", "tesla")
+EXACT = ("unroll", "checkpoint", "checkpoint-1")
 
 
 @dataclasses.dataclass
@@ -108,7 +114,7 @@ def reference_iteration(p: Problem, images, step_size):
     return loss.detach()
 
 
-def one_iteration(mode: str, p: Problem, autocast: str = "none", segments: int = 0
+def one_iteration(mode: str, p: Problem, autocast: str = "none"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One iteration of `mode`; returns the image and step-size gradients."""
     x = p.images.detach().clone().requires_grad_()
@@ -119,7 +125,8 @@ def one_iteration(mode: str, p: Problem, autocast: str = "none", segments: int =
     student = Student(p.spec, p.labels, p.aug, autocast)
     if mode == "unroll":
         grad_unroll(student, x, lr, p.seg, p.plans)
-    elif mode == "checkpoint":
+    elif mode.startswith("checkpoint"):
+        segments = len(p.plans) if mode == "checkpoint-1" else 0
         grad_checkpoint(student, x, lr, p.seg, p.plans, segments)
     else:
         grad_tesla(student, x, lr, p.seg, p.plans)
@@ -141,7 +148,7 @@ def check_float64(args) -> dict[str, float]:
     ref_x, ref_lr = one_iteration("reference", p)
     out = {}
     for mode in MODES[1:]:
-        gx, glr = one_iteration(mode, p, segments=args.segments)
+        gx, glr = one_iteration(mode, p)
         out[mode] = max(rel_diff(gx, ref_x), rel_diff(glr, ref_lr))
     for mode in EXACT:
         assert out[mode] < 1e-9, f"{mode} differs from the reference in float64: {out[mode]:.2e}"
@@ -150,30 +157,35 @@ def check_float64(args) -> dict[str, float]:
 
 def time_modes(args, p: Problem) -> tuple[dict, dict, float]:
     """Interleaved rounds; returns (seconds per mode, float32 rel. diff. per mode, the
-    reference's own spread)."""
-    times = {m: [] for m in MODES}
-    grads = {}
-    # Warm-up round; its reference runs from start parameters one ulp away, which measures
-    # how far float32 rounding alone moves the reference's gradient.
-    nudged = [s * (1 + torch.finfo(s.dtype).eps * torch.sign(torch.randn(s.shape, generator=
-              torch.Generator().manual_seed(1)).to(s.device))) for s in p.seg.start]
-    warm = dataclasses.replace(p, seg=dataclasses.replace(p.seg, start=nudged))
-    floor_x, _ = one_iteration("reference", warm)
-    for rnd in range(args.repeats + 1):
-        order = MODES[rnd % len(MODES):] + MODES[:rnd % len(MODES)]
+    reference's own spread, NaN without a full warm-up round)."""
+    modes = args.modes
+    times = {m: [] for m in modes}
+    grads, floor = {}, float("nan")
+    if args.warmup_steps < args.steps:  # a short warm-up: kernels and buffers only
+        short = setup(args.shape, args.ipc, args.warmup_steps, args.batch_syn, args.device)
+        for mode in modes:
+            one_iteration(mode, short, args.autocast)
+    else:  # a full warm-up round; its reference starts one ulp away from the others'
+        nudged = [s * (1 + torch.finfo(s.dtype).eps * torch.sign(torch.randn(
+            s.shape, generator=torch.Generator().manual_seed(1)).to(s.device)))
+            for s in p.seg.start]
+        warm = dataclasses.replace(p, seg=dataclasses.replace(p.seg, start=nudged))
+        floor_x, _ = one_iteration("reference", warm)
+        for mode in modes[1:]:
+            one_iteration(mode, p, args.autocast)
+    for rnd in range(args.repeats):
+        order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
         for mode in order:
-            if rnd == 0 and mode == "reference":
-                continue
             sync(args.device)
             t0 = time.perf_counter()
-            grads[mode] = one_iteration(mode, p, args.autocast, args.segments)
+            grads[mode] = one_iteration(mode, p, args.autocast)
             sync(args.device)
-            if rnd:
-                times[mode].append(time.perf_counter() - t0)
-            log(f"round {rnd} {mode}: {time.perf_counter() - t0:.2f} s")
+            times[mode].append(time.perf_counter() - t0)
+            log(f"round {rnd + 1} {mode}: {times[mode][-1]:.2f} s")
     ref = grads["reference"][0]
-    rel = {m: rel_diff(grads[m][0], ref) for m in MODES}
-    return times, rel, rel_diff(floor_x, ref)
+    if args.warmup_steps >= args.steps:
+        floor = rel_diff(floor_x, ref)
+    return times, {m: rel_diff(grads[m][0], ref) for m in modes}, floor
 
 
 def log(msg: str) -> None:
@@ -188,7 +200,7 @@ def count_flops(args, mode: str) -> float:
     for steps in (1, 2):
         p = setup(args.shape, args.ipc, steps, args.batch_syn, args.device)
         with FlopCounterMode(display=False) as counter:
-            one_iteration(mode, p, args.autocast, args.segments)
+            one_iteration(mode, p, args.autocast)
         counts.append(counter.get_total_flops())
     return counts[0] + (args.steps - 1) * (counts[1] - counts[0])
 
@@ -219,24 +231,38 @@ def memory_child(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        one_iteration(args.child, p, args.autocast, args.segments)
-        peak = torch.cuda.max_memory_allocated()
+        one_iteration(args.child, p, args.autocast)
+        rss = alloc = torch.cuda.max_memory_allocated() - base
     else:
-        base = _status_kb("VmRSS")
-        pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        one_iteration(args.child, p, args.autocast, args.segments)
-        peak = _status_kb("VmHWM")
-    print(json.dumps({"base": base, "peak": peak}))
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            base = _status_kb("VmRSS")  # after the profiler's own start-up
+            pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            one_iteration(args.child, p, args.autocast)
+            rss = _status_kb("VmHWM") - base
+        alloc = _peak_allocated(prof)
+    print(json.dumps({"rss": rss, "alloc": alloc}))
 
 
-def measure_memory(args, mode: str) -> int:
+def _peak_allocated(prof) -> int:
+    """Peak of the bytes held by tensors allocated while profiling (from its trace)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
+
+
+def measure_memory(args, mode: str) -> dict[str, int]:
     cmd = [sys.executable, __file__, "--child", mode, "--shape", args.shape, "--ipc",
            str(args.ipc), "--steps", str(args.steps), "--batch-syn", str(args.batch_syn),
            "--device", args.device, "--threads", str(args.threads), "--autocast",
-           args.autocast, "--segments", str(args.segments)]
+           args.autocast]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    return result["peak"] - result["base"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def parse_args(argv=None):
@@ -250,10 +276,15 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
                         help="our modes only (the reference stays float32); CUDA only")
-    parser.add_argument("--segments", type=int, default=0, help="checkpoint; 0: ~sqrt(N)")
+    parser.add_argument("--modes", nargs="+", choices=MODES[1:], default=list(MODES[1:]))
+    parser.add_argument("--warmup-steps", type=int, default=10**9,
+                        help="N of the warm-up round (default: a full round, which also "
+                             "measures the reference's float32 spread)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--child", choices=MODES, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.modes = ["reference", *args.modes]
+    return args
 
 
 def main() -> None:
@@ -264,47 +295,72 @@ def main() -> None:
         return memory_child(args)
     exact64 = check_float64(args)
     log(f"float64 check: {exact64}")
-    extra = {} if args.no_memory else {m: measure_memory(args, m) for m in MODES}
-    log(f"memory: {extra}")
+    mem = {} if args.no_memory else {m: measure_memory(args, m) for m in args.modes}
+    log(f"memory: {mem}")
     p = setup(args.shape, args.ipc, args.steps, args.batch_syn, args.device)
     times, rel32, floor = time_modes(args, p)
-    flops = {m: count_flops(args, m) for m in MODES}
+    flops = {m: count_flops(args, m) for m in args.modes}
     peak = peak_flops(args.device)
-    ref_times = times["reference"]
-    rows = []
-    for m in MODES:
-        med = statistics.median(times[m])
-        rows.append({
-            "mode": m, "median_s": med, "min_s": min(times[m]),
-            "speedup_vs_reference": statistics.median(
-                r / t for r, t in zip(ref_times, times[m])),
-            "extra_memory_mb": extra[m] / 2**20 if extra else float("nan"),
-            "memory_vs_unroll": extra[m] / extra["unroll"] if extra else float("nan"),
-            "gflop": flops[m] / 1e9, "achieved_tflops": flops[m] / med / 1e12,
-            "rel_diff_f32": rel32[m], "rel_diff_f64": exact64.get(m, 0.0)})
+    rows = [result_row(args, m, times, mem, flops, rel32, exact64) for m in args.modes]
     for r in rows:
         r.update(shape=args.shape, device=args.device, ipc=args.ipc, steps=args.steps,
                  batch_syn=args.batch_syn, threads=torch.get_num_threads(),
                  autocast=args.autocast, peak_tflops=peak / 1e12, reference_f32_spread=floor,
-                 rounds=args.repeats)
+                 rounds=args.repeats, date=time.strftime("%Y-%m-%d"),
+                 device_name=device_name(args.device))
     name = f"unroll_speed_{args.shape}_{args.device}"
     save_table(name, rows)
     plot(rows, args, name)
+    report(args, rows, floor, peak)
+
+
+def result_row(args, m, times, mem, flops, rel32, exact64) -> dict:
+    med = statistics.median(times[m])
+    extra = lambda key, mode: mem[mode][key] if mem else float("nan")  # noqa: E731
+    return {
+        "mode": m, "median_s": med, "min_s": min(times[m]),
+        "speedup_vs_reference": statistics.median(
+            r / t for r, t in zip(times["reference"], times[m])),
+        "rss_mb": extra("rss", m) / 2**20, "alloc_mb": extra("alloc", m) / 2**20,
+        "rss_vs_unroll": extra("rss", m) / extra("rss", "unroll") if "unroll" in mem
+        else float("nan"),
+        "alloc_vs_unroll": extra("alloc", m) / extra("alloc", "unroll") if "unroll" in mem
+        else float("nan"),
+        "gflop": flops[m] / 1e9, "achieved_tflops": flops[m] / med / 1e12,
+        "rel_diff_f32": rel32[m], "rel_diff_f64": exact64.get(m, 0.0)}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return "cpu"
+
+
+def report(args, rows: list[dict], floor: float, peak: float) -> None:
     print(f"{args.shape}, ipc {args.ipc}, N={args.steps}, batch_syn {args.batch_syn}, "
-          f"{args.device}, {torch.get_num_threads()} threads, {args.repeats} timed rounds; "
-          f"measured fp32 matmul peak {peak / 1e12:.3f} TFLOP/s")
+          f"{device_name(args.device)}, {args.repeats} timed rounds, "
+          f"{time.strftime('%Y-%m-%d')}; measured fp32 matmul peak {peak / 1e12:.3f} TFLOP/s")
     print_table([{k: r[k] for k in ("mode", "median_s", "min_s", "speedup_vs_reference",
-                                    "extra_memory_mb", "memory_vs_unroll", "achieved_tflops",
-                                    "rel_diff_f32", "rel_diff_f64")} for r in rows])
+                                    "rss_mb", "rss_vs_unroll", "alloc_mb", "alloc_vs_unroll",
+                                    "achieved_tflops", "rel_diff_f32", "rel_diff_f64")}
+                 for r in rows])
     print(f"float32 spread of the reference itself (one-ulp start): {floor:.2e}")
     print("speed-up: median over rounds of reference s / mode s (interleaved, one process); "
-          "memory: peak over set-up in a fresh process per mode "
-          f"({'max_memory_allocated' if args.device == 'cuda' else 'VmHWM - VmRSS'})")
-    best = max(EXACT, key=lambda m: next(r for r in rows if r["mode"] == m)
-               ["speedup_vs_reference"])
-    speedup = next(r for r in rows if r["mode"] == best)["speedup_vs_reference"]
+          "memory: peak over set-up in a fresh process per mode (rss: VmHWM - VmRSS; alloc: "
+          "tensor bytes held, torch.profiler; cuda: max_memory_allocated for both)")
+    by_mode = {r["mode"]: r for r in rows}
+    for mode in ("checkpoint", "checkpoint-1", "tesla"):
+        if mode in by_mode and by_mode[mode]["rss_vs_unroll"] == by_mode[mode]["rss_vs_unroll"]:
+            key = mode.replace("-", "_")
+            print(f"{key}_rss_vs_unroll={by_mode[mode]['rss_vs_unroll']:.4f}")
+            print(f"{key}_memory_vs_unroll={by_mode[mode]['alloc_vs_unroll']:.4f}")
+    exact = [m for m in EXACT if m in by_mode]
+    best = max(exact, key=lambda m: by_mode[m]["speedup_vs_reference"])
     print(f"fastest_exact_mode={best}")
-    print(f"unroll_speedup_vs_reference={speedup:.3f}")
+    print(f"unroll_speedup_vs_reference={by_mode[best]['speedup_vs_reference']:.3f}")
 
 
 def plot(rows, args, name: str) -> None:
@@ -320,8 +376,12 @@ def plot(rows, args, name: str) -> None:
     for i, r in enumerate(rows):
         a.annotate(f"{r['speedup_vs_reference']:.2f}x", (i, r["median_s"]), ha="center",
                    va="bottom")
-    b.bar(names, [r["extra_memory_mb"] for r in rows])
+    pos = range(len(rows))
+    b.bar([i - 0.2 for i in pos], [r["rss_mb"] for r in rows], 0.4, label="resident (VmHWM)")
+    b.bar([i + 0.2 for i in pos], [r["alloc_mb"] for r in rows], 0.4, label="tensor bytes")
+    b.set_xticks(list(pos), names)
     b.set_ylabel("extra memory over set-up (MiB)")
+    b.legend()
     fig.suptitle(f"{args.shape}, ipc {args.ipc}, N={args.steps}, {args.device}, "
                  f"{torch.get_num_threads()} threads")
     RESULTS.mkdir(parents=True, exist_ok=True)

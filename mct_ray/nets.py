@@ -107,16 +107,19 @@ def _convnet_init(spec: NetSpec, gen: torch.Generator) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------
-# Conv and instance norm with a hand-written second derivative.
+# Conv, instance norm and 2x2 average pooling with hand-written derivatives.
 #
-# Distillation differentiates the student's gradient (double backward). Both ops run the
-# same native kernels as F.conv2d / F.group_norm in the forward pass and in the first
-# backward, so first-order results are bit-identical to the built-ins, with or without
-# create_graph; only the backward of the backward is ours, for speed (bench/NOTES.md):
+# Distillation differentiates the student's gradient (double backward). These ops compute
+# the same bits whether or not autograd records a graph (the first backward is one Function
+# either way), so a step replayed with create_graph=True equals the step computed without.
+# Conv and norm call the same native kernels as F.conv2d / F.group_norm in the forward pass
+# and the first backward; the backward of the backward is ours, for speed (bench/NOTES.md):
 #   group norm: autograd's infinitely differentiable composite writes ~15 full-size
 #     temporaries per call; ours needs 4 and three per-plane reductions.
 #   conv: autograd computes d(grad_weight)/d(input) as a convolution with batch and channels
-#     swapped, ~3x slower than the native weight-gradient kernel that we call instead.
+#     swapped, ~3x slower than the native weight-gradient kernel that we call instead; the
+#     gradient w.r.t. a few-channel input (the images) is one GEMM and a col2im.
+#   pool: two strided adds forward, its adjoint backward (no zero fill).
 
 _EPS = 1e-5
 
@@ -161,9 +164,24 @@ def _engine_uses(t: torch.Tensor) -> bool:
 
 def _conv_backward(grad_out, x, weight, mask):
     # (grad wrt x of conv(x, weight), grad wrt weight, grad wrt bias), each where mask says.
-    return torch.ops.aten.convolution_backward(
+    grad_x = None
+    if mask[0] and x.shape[1] <= _FEW_CHANNELS:
+        grad_x, mask = _conv_grad_input_gemm(grad_out, weight, x.shape), (False, *mask[1:])
+    grads = torch.ops.aten.convolution_backward(
         grad_out, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
         list(mask))
+    return (grads[0] if grad_x is None else grad_x, grads[1], grads[2])
+
+
+# The gradient w.r.t. an input of few channels (the images) as one GEMM and a col2im: on
+# CPU, oneDNN's kernel for 128 -> 3 channels runs at a quarter of the GEMM's speed.
+_FEW_CHANNELS = 4
+
+
+def _conv_grad_input_gemm(grad_out, weight, x_shape):
+    n, c_out, h, w = grad_out.shape
+    cols = torch.matmul(weight.reshape(c_out, -1).t(), grad_out.reshape(n, c_out, h * w))
+    return F.fold(cols, (h, w), 3, padding=1)  # (N, C_in, H, W)
 
 
 class _Conv3x3(torch.autograd.Function):

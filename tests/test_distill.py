@@ -296,7 +296,7 @@ def test_conv_and_instance_norm_second_derivatives_match_autograd_numerics():
     assert torch.autograd.gradgradcheck(instance_norm, (x, w, b))
 
 
-def test_fast_ops_first_order_equals_the_builtins_bit_for_bit():
+def test_fast_conv_and_norm_first_order_equal_the_builtins_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, 32, 32, generator=gen).requires_grad_()
     w = torch.randn(16, 16, 3, 3, generator=gen).requires_grad_()
