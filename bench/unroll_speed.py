@@ -177,11 +177,12 @@ def time_modes(args, p: Problem) -> tuple[dict, dict, float]:
         order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
         for mode in order:
             sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             grads[mode] = one_iteration(mode, p, args.autocast)
             sync(args.device)
-            times[mode].append(time.perf_counter() - t0)
-            log(f"round {rnd + 1} {mode}: {times[mode][-1]:.2f} s")
+            times[mode].append((time.perf_counter() - t0, time.process_time() - c0))
+            log(f"round {rnd + 1} {mode}: {times[mode][-1][0]:.2f} s "
+                f"(cpu {times[mode][-1][1]:.2f} s)")
     ref = grads["reference"][0]
     if args.warmup_steps >= args.steps:
         floor = rel_diff(floor_x, ref)
@@ -225,24 +226,28 @@ def _status_kb(key: str) -> int:
 
 
 def memory_child(args) -> None:
-    """In a fresh process: extra memory of one iteration of args.child over set-up."""
+    """In a fresh process: extra memory of one iteration of args.child over set-up, as
+    args.measure says (rss and alloc run in separate processes: the profiler that tracks
+    tensor bytes keeps enough of its own to distort the resident set)."""
     p = setup(args.shape, args.ipc, args.steps, args.batch_syn, args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         one_iteration(args.child, p, args.autocast)
-        rss = alloc = torch.cuda.max_memory_allocated() - base
+        extra = torch.cuda.max_memory_allocated() - base
+    elif args.measure == "rss":
+        base = _status_kb("VmRSS")
+        pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        one_iteration(args.child, p, args.autocast)
+        extra = _status_kb("VmHWM") - base
     else:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            base = _status_kb("VmRSS")  # after the profiler's own start-up
-            pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             one_iteration(args.child, p, args.autocast)
-            rss = _status_kb("VmHWM") - base
-        alloc = _peak_allocated(prof)
-    print(json.dumps({"rss": rss, "alloc": alloc}))
+        extra = _peak_allocated(prof)
+    print(json.dumps({"extra": extra}))
 
 
 def _peak_allocated(prof) -> int:
@@ -256,13 +261,20 @@ def _peak_allocated(prof) -> int:
     return max(totals, default=0)
 
 
-def measure_memory(args, mode: str) -> dict[str, int]:
-    cmd = [sys.executable, __file__, "--child", mode, "--shape", args.shape, "--ipc",
-           str(args.ipc), "--steps", str(args.steps), "--batch-syn", str(args.batch_syn),
-           "--device", args.device, "--threads", str(args.threads), "--autocast",
-           args.autocast]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def measure_memory(args, mode: str) -> dict[str, float]:
+    out = {}
+    for measure in ("rss", "alloc"):
+        if measure not in args.memory or (args.device == "cuda" and measure == "alloc"):
+            out[measure] = out.get("rss", float("nan"))
+            continue
+        cmd = [sys.executable, __file__, "--child", mode, "--measure", measure, "--shape",
+               args.shape, "--ipc", str(args.ipc), "--steps", str(args.steps), "--batch-syn",
+               str(args.batch_syn), "--device", args.device, "--threads", str(args.threads),
+               "--autocast", args.autocast]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out[measure] = json.loads(res.strip().splitlines()[-1])["extra"]
+        log(f"memory {mode} {measure}: {out[measure] / 2**20:.0f} MiB")
+    return out
 
 
 def parse_args(argv=None):
@@ -280,8 +292,13 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=10**9,
                         help="N of the warm-up round (default: a full round, which also "
                              "measures the reference's float32 spread)")
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory", nargs="*", choices=("rss", "alloc"),
+                        default=["rss", "alloc"], help="measures to take (none: skip)")
+    parser.add_argument("--memory-modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--ablation", action="store_true",
+                        help="time each optimisation switched off instead (unroll_ablation)")
     parser.add_argument("--child", choices=MODES, default=None)
+    parser.add_argument("--measure", choices=("rss", "alloc"), default="rss")
     args = parser.parse_args(argv)
     args.modes = ["reference", *args.modes]
     return args
@@ -295,7 +312,10 @@ def main() -> None:
         return memory_child(args)
     exact64 = check_float64(args)
     log(f"float64 check: {exact64}")
-    mem = {} if args.no_memory else {m: measure_memory(args, m) for m in args.modes}
+    if args.ablation:
+        return run_ablation(args)
+    mem = {m: measure_memory(args, m) for m in args.modes
+           if args.memory and m in args.memory_modes}
     log(f"memory: {mem}")
     p = setup(args.shape, args.ipc, args.steps, args.batch_syn, args.device)
     times, rel32, floor = time_modes(args, p)
@@ -315,17 +335,20 @@ def main() -> None:
 
 
 def result_row(args, m, times, mem, flops, rel32, exact64) -> dict:
-    med = statistics.median(times[m])
-    extra = lambda key, mode: mem[mode][key] if mem else float("nan")  # noqa: E731
+    wall = [t for t, _ in times[m]]
+    cpu = [c for _, c in times[m]]
+    ref_wall = [t for t, _ in times["reference"]]
+    ref_cpu = [c for _, c in times["reference"]]
+    med = statistics.median(wall)
+    nan = float("nan")
+    get = lambda key, mode: mem[mode][key] if mode in mem else nan  # noqa: E731
     return {
-        "mode": m, "median_s": med, "min_s": min(times[m]),
-        "speedup_vs_reference": statistics.median(
-            r / t for r, t in zip(times["reference"], times[m])),
-        "rss_mb": extra("rss", m) / 2**20, "alloc_mb": extra("alloc", m) / 2**20,
-        "rss_vs_unroll": extra("rss", m) / extra("rss", "unroll") if "unroll" in mem
-        else float("nan"),
-        "alloc_vs_unroll": extra("alloc", m) / extra("alloc", "unroll") if "unroll" in mem
-        else float("nan"),
+        "mode": m, "median_s": med, "min_s": min(wall), "median_cpu_s": statistics.median(cpu),
+        "speedup_vs_reference": statistics.median(r / t for r, t in zip(ref_wall, wall)),
+        "cpu_speedup_vs_reference": statistics.median(r / c for r, c in zip(ref_cpu, cpu)),
+        "rss_mb": get("rss", m) / 2**20, "alloc_mb": get("alloc", m) / 2**20,
+        "rss_vs_unroll": get("rss", m) / get("rss", "unroll"),
+        "alloc_vs_unroll": get("alloc", m) / get("alloc", "unroll"),
         "gflop": flops[m] / 1e9, "achieved_tflops": flops[m] / med / 1e12,
         "rel_diff_f32": rel32[m], "rel_diff_f64": exact64.get(m, 0.0)}
 
@@ -343,20 +366,21 @@ def report(args, rows: list[dict], floor: float, peak: float) -> None:
     print(f"{args.shape}, ipc {args.ipc}, N={args.steps}, batch_syn {args.batch_syn}, "
           f"{device_name(args.device)}, {args.repeats} timed rounds, "
           f"{time.strftime('%Y-%m-%d')}; measured fp32 matmul peak {peak / 1e12:.3f} TFLOP/s")
-    print_table([{k: r[k] for k in ("mode", "median_s", "min_s", "speedup_vs_reference",
-                                    "rss_mb", "rss_vs_unroll", "alloc_mb", "alloc_vs_unroll",
-                                    "achieved_tflops", "rel_diff_f32", "rel_diff_f64")}
-                 for r in rows])
+    print_table([{k: r[k] for k in ("mode", "median_s", "speedup_vs_reference",
+                                    "cpu_speedup_vs_reference", "rss_mb", "rss_vs_unroll",
+                                    "alloc_mb", "alloc_vs_unroll", "achieved_tflops",
+                                    "rel_diff_f32", "rel_diff_f64")} for r in rows])
     print(f"float32 spread of the reference itself (one-ulp start): {floor:.2e}")
-    print("speed-up: median over rounds of reference s / mode s (interleaved, one process); "
+    print("speed-up: median over rounds of reference s / mode s (interleaved, one process; "
+          "cpu: the same with process CPU seconds, robust to other load at 1 thread); "
           "memory: peak over set-up in a fresh process per mode (rss: VmHWM - VmRSS; alloc: "
           "tensor bytes held, torch.profiler; cuda: max_memory_allocated for both)")
     by_mode = {r["mode"]: r for r in rows}
     for mode in ("checkpoint", "checkpoint-1", "tesla"):
-        if mode in by_mode and by_mode[mode]["rss_vs_unroll"] == by_mode[mode]["rss_vs_unroll"]:
-            key = mode.replace("-", "_")
-            print(f"{key}_rss_vs_unroll={by_mode[mode]['rss_vs_unroll']:.4f}")
-            print(f"{key}_memory_vs_unroll={by_mode[mode]['alloc_vs_unroll']:.4f}")
+        for key in ("rss_vs_unroll", "alloc_vs_unroll"):
+            value = by_mode.get(mode, {}).get(key, float("nan"))
+            if value == value:
+                print(f"{mode.replace('-', '_')}_{key}={value:.4f}")
     exact = [m for m in EXACT if m in by_mode]
     best = max(exact, key=lambda m: by_mode[m]["speedup_vs_reference"])
     print(f"fastest_exact_mode={best}")
@@ -372,6 +396,7 @@ def plot(rows, args, name: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     names = [r["mode"] for r in rows]
     a.bar(names, [r["median_s"] for r in rows])
+    a.tick_params(axis="x", labelrotation=20)
     a.set_ylabel("seconds per iteration (median)")
     for i, r in enumerate(rows):
         a.annotate(f"{r['speedup_vs_reference']:.2f}x", (i, r["median_s"]), ha="center",
@@ -379,13 +404,109 @@ def plot(rows, args, name: str) -> None:
     pos = range(len(rows))
     b.bar([i - 0.2 for i in pos], [r["rss_mb"] for r in rows], 0.4, label="resident (VmHWM)")
     b.bar([i + 0.2 for i in pos], [r["alloc_mb"] for r in rows], 0.4, label="tensor bytes")
-    b.set_xticks(list(pos), names)
+    b.set_xticks(list(pos), names, rotation=20)
     b.set_ylabel("extra memory over set-up (MiB)")
     b.legend()
     fig.suptitle(f"{args.shape}, ipc {args.ipc}, N={args.steps}, {args.device}, "
                  f"{torch.get_num_threads()} threads")
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / f"{name}.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Ablation: each optimisation of the fast student switched off (or one rejected idea switched
+# on) in turn, interleaved with the reference and the full version in one process.
+
+def _ablations() -> dict[str, tuple]:
+    import contextlib
+    from unittest import mock
+
+    def patched(*patches):
+        @contextlib.contextmanager
+        def ctx():
+            with contextlib.ExitStack() as stack:
+                for target, value in patches:
+                    stack.enter_context(mock.patch(target, value))
+                yield
+        return ctx
+
+    def graph_in_sweeps(self, params, images, step_size, plan, create_graph=True):
+        return original_step(self, params, images, step_size, plan, create_graph=True)
+
+    original_step = Student.step
+    cl = lambda apply: (lambda self, x, plan: apply(self, x, plan).contiguous(  # noqa: E731
+        memory_format=torch.channels_last))
+    return {  # name: (mode, context)
+        "reference": ("reference", contextlib.nullcontext),
+        "unroll (all)": ("unroll", contextlib.nullcontext),
+        "- instance norm 2nd derivative": ("unroll", patched(
+            ("mct_ray.nets.instance_norm",
+             lambda x, w, b: F.group_norm(x, x.shape[1], w, b, eps=1e-5)))),
+        "- conv 2nd derivative": ("unroll", patched(
+            ("mct_ray.nets.conv3x3", lambda x, w, b: F.conv2d(x, w, b, padding=1)))),
+        "- pooling": ("unroll", patched(
+            ("mct_ray.nets.avg_pool2", lambda x: F.avg_pool2d(x, 2)))),
+        "- batch chunking": ("unroll", patched(("mct_ray.distill.CPU_CHUNK_BYTES", 2**62))),
+        "+ channels_last (rejected)": ("unroll", patched(
+            ("mct_ray.augment.Augmenter.apply", cl(Augmenter.apply)))),
+        "checkpoint-1 (all)": ("checkpoint-1", contextlib.nullcontext),
+        "checkpoint-1 - first-order sweep": ("checkpoint-1", patched(
+            ("mct_ray.distill.Student.step", graph_in_sweeps))),
+    }
+
+
+def run_ablation(args) -> None:
+    variants = _ablations()
+    p = setup(args.shape, args.ipc, args.steps, args.batch_syn, args.device)
+    names = list(variants)
+    times = {n: [] for n in names}
+    grads = {}
+    for rnd in range(args.repeats + 1):  # round 0 is a warm-up
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            mode, ctx = variants[name]
+            with ctx():
+                t0, c0 = time.perf_counter(), time.process_time()
+                grads[name] = one_iteration(mode, p)[0]
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if rnd:
+                times[name].append((dt, dc))
+            log(f"round {rnd} {name}: {dt:.2f} s (cpu {dc:.2f} s)")
+    ref = times["reference"]
+    ratio = lambda n, i: statistics.median(r[i] / t[i] for r, t in zip(ref, times[n]))  # noqa
+    rows = [{"variant": n, "mode": variants[n][0],
+             "median_s": statistics.median(t for t, _ in times[n]),
+             "median_cpu_s": statistics.median(c for _, c in times[n]),
+             "speedup_vs_reference": ratio(n, 0), "cpu_speedup_vs_reference": ratio(n, 1),
+             "rel_diff_f32": rel_diff(grads[n], grads["reference"]),
+             "shape": args.shape, "ipc": args.ipc, "steps": args.steps,
+             "threads": torch.get_num_threads(), "rounds": args.repeats,
+             "date": time.strftime("%Y-%m-%d")} for n in names]
+    full = {"unroll": rows[1]["median_cpu_s"], "checkpoint-1": rows[7]["median_cpu_s"]}
+    for r in rows:  # > 1: that variant is slower than the full version (CPU seconds)
+        r["cpu_vs_all"] = r["median_cpu_s"] / full.get(r["mode"], r["median_cpu_s"])
+    name = f"unroll_ablation_{args.shape}_{args.device}"
+    save_table(name, rows)
+    print(f"{args.shape}, ipc {args.ipc}, N={args.steps}, {device_name(args.device)}, "
+          f"{args.repeats} timed rounds")
+    print_table([{k: r[k] for k in ("variant", "median_s", "speedup_vs_reference",
+                                    "median_cpu_s", "cpu_speedup_vs_reference", "cpu_vs_all",
+                                    "rel_diff_f32")} for r in rows])
+    _ablation_plot(rows, name)
+
+
+def _ablation_plot(rows, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([r["variant"] for r in rows], [r["median_s"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per iteration (median)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
     plt.close(fig)
 
 
