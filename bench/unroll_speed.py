@@ -3,8 +3,9 @@ the original MTT code does it: one flat parameter vector, MTT's functional forwa
 (F.conv2d / F.group_norm / F.relu / F.avg_pool2d / F.linear, autograd's own double backward),
 `torch.autograd.grad(create_graph=True)` each step.
 
-Modes: unroll, checkpoint (distill.checkpoint_segments=0: ~sqrt(N) segments), checkpoint-1
-(one step per segment: every step's parameters kept, 1.3 MB each here), tesla (approximate).
+Modes: unroll, checkpoint (the default distill.checkpoint_segments=0: one step per segment,
+every step's parameters kept, 1.3 MB each here), checkpoint-sqrt (round(sqrt N) segments, the
+textbook count), tesla (approximate).
 Timing: every mode and the reference run interleaved in one process on the same inputs
 (segment, minibatches, DSA parameters); the order rotates every round, after a warm-up round.
 Speed-up = median over rounds of (reference seconds / mode seconds) in that round.
@@ -55,8 +56,8 @@ from mct_ray.trajectory import flatten, unflatten  # noqa: E402
 
 SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "tinyimagenet": (3, 64, 200),
           "digits28": (1, 28, 10)}  # digits28: MNIST-sized, for comparison with MTT's code
-MODES = ("reference", "unroll", "checkpoint", "checkpoint-1", "tesla")
-EXACT = ("unroll", "checkpoint", "checkpoint-1")
+MODES = ("reference", "unroll", "checkpoint", "checkpoint-sqrt", "tesla")
+EXACT = ("unroll", "checkpoint", "checkpoint-sqrt")
 
 
 @dataclasses.dataclass
@@ -126,7 +127,7 @@ def one_iteration(mode: str, p: Problem, autocast: str = "none"
     if mode == "unroll":
         grad_unroll(student, x, lr, p.seg, p.plans)
     elif mode.startswith("checkpoint"):
-        segments = len(p.plans) if mode == "checkpoint-1" else 0
+        segments = round(len(p.plans) ** 0.5) if mode == "checkpoint-sqrt" else 0
         grad_checkpoint(student, x, lr, p.seg, p.plans, segments)
     else:
         grad_tesla(student, x, lr, p.seg, p.plans)
@@ -376,7 +377,7 @@ def report(args, rows: list[dict], floor: float, peak: float) -> None:
           "memory: peak over set-up in a fresh process per mode (rss: VmHWM - VmRSS; alloc: "
           "tensor bytes held, torch.profiler; cuda: max_memory_allocated for both)")
     by_mode = {r["mode"]: r for r in rows}
-    for mode in ("checkpoint", "checkpoint-1", "tesla"):
+    for mode in ("checkpoint", "checkpoint-sqrt", "tesla"):
         for key in ("rss_vs_unroll", "alloc_vs_unroll"):
             value = by_mode.get(mode, {}).get(key, float("nan"))
             if value == value:
@@ -447,11 +448,15 @@ def _ablations() -> dict[str, tuple]:
             ("mct_ray.nets.conv3x3", lambda x, w, b: F.conv2d(x, w, b, padding=1)))),
         "- pooling": ("unroll", patched(
             ("mct_ray.nets.avg_pool2", lambda x: F.avg_pool2d(x, 2)))),
+        "- image gradient as GEMM + col2im": ("unroll", patched(
+            ("mct_ray.nets._FEW_CHANNELS", 0))),
+        "- skip the inner image gradient": ("unroll", patched(
+            ("mct_ray.nets._engine_uses", lambda t: True))),
         "- batch chunking": ("unroll", patched(("mct_ray.distill.CPU_CHUNK_BYTES", 2**62))),
         "+ channels_last (rejected)": ("unroll", patched(
             ("mct_ray.augment.Augmenter.apply", cl(Augmenter.apply)))),
-        "checkpoint-1 (all)": ("checkpoint-1", contextlib.nullcontext),
-        "checkpoint-1 - first-order sweep": ("checkpoint-1", patched(
+        "checkpoint (all)": ("checkpoint", contextlib.nullcontext),
+        "checkpoint - first-order sweep": ("checkpoint", patched(
             ("mct_ray.distill.Student.step", graph_in_sweeps))),
     }
 
@@ -482,7 +487,7 @@ def run_ablation(args) -> None:
              "shape": args.shape, "ipc": args.ipc, "steps": args.steps,
              "threads": torch.get_num_threads(), "rounds": args.repeats,
              "date": time.strftime("%Y-%m-%d")} for n in names]
-    full = {"unroll": rows[1]["median_cpu_s"], "checkpoint-1": rows[7]["median_cpu_s"]}
+    full = {r["mode"]: r["median_cpu_s"] for r in rows if r["variant"].endswith("(all)")}
     for r in rows:  # > 1: that variant is slower than the full version (CPU seconds)
         r["cpu_vs_all"] = r["median_cpu_s"] / full.get(r["mode"], r["median_cpu_s"])
     name = f"unroll_ablation_{args.shape}_{args.device}"

@@ -100,7 +100,7 @@ class DistillConfig:
     momentum: float = _f(0.5, lo=0.0, hi=0.999)
     min_step_size: float = _f(1e-6, lo=0.0, hi=1.0, doc="floor kept on the step size")
     grad_mode: str = _f("unroll", choices=("unroll", "checkpoint", "tesla"))
-    checkpoint_segments: int = _f(0, lo=0, hi=10_000, doc="0 picks ~sqrt(N)")
+    checkpoint_segments: int = _f(0, lo=0, hi=10_000, doc="0: one per step (least memory)")
     autocast: str = _f("none", choices=("none", "bf16"),
                        doc="bf16: the student's forward under torch.autocast (CUDA only)")
     max_bad_steps: int = _f(10, lo=1, hi=1_000_000,
