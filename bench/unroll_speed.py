@@ -265,8 +265,11 @@ def _peak_allocated(prof) -> int:
 def measure_memory(args, mode: str) -> dict[str, float]:
     out = {}
     for measure in ("rss", "alloc"):
-        if measure not in args.memory or (args.device == "cuda" and measure == "alloc"):
+        if args.device == "cuda" and measure == "alloc":  # one measure on a GPU: both columns
             out[measure] = out.get("rss", float("nan"))
+            continue
+        if measure not in args.memory:
+            out[measure] = float("nan")
             continue
         cmd = [sys.executable, __file__, "--child", mode, "--measure", measure, "--shape",
                args.shape, "--ipc", str(args.ipc), "--steps", str(args.steps), "--batch-syn",
