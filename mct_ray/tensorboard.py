@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+# At import, not at the first evaluation: importing torchvision takes ~1.5 s, which inside
+# the distillation loop would be a pause (tests/test_runtime.py caught it under load).
+from torchvision.utils import make_grid
 
 from mct_ray import storage as layout
 from mct_ray.storage import Storage
@@ -83,8 +86,6 @@ class TensorBoardLog:
         """A batch (N, C, H, W) of any value range as one grid, min-max scaled to [0, 1]
         (the synthetic set is normalised, possibly ZCA-whitened, so raw values are not
         displayable)."""
-        from torchvision.utils import make_grid
-
         batch = torch.as_tensor(images).detach().cpu().float()
         if batch.ndim != 4:
             raise ValueError(f"images must be (N, C, H, W); got shape {tuple(batch.shape)}")
