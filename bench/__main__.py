@@ -119,12 +119,14 @@ def plot(rows: list[dict]) -> None:
     if not shown:
         return
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(shown) + 1))
-    # Each value as a fraction of its target (>= targets inverted): 1 is the line to meet.
-    score = [(r["value"] / float(r["target"].split()[1])) if r["target"].startswith(">=")
-             else (float(r["target"].split()[1]) / r["value"] if r["value"] else float("inf"))
-             for r in shown]
+    # Each value as a fraction of its target (<= targets inverted): 1 is the line to meet.
+    def score(r: dict) -> float:
+        op, target, _ = TARGETS[r["metric"]]
+        if op == ">=":
+            return r["value"] / target
+        return target / r["value"] if r["value"] else float("inf")
     colours = ["#2a6" if r["result"] == "pass" else "#c33" for r in shown]
-    ax.barh([r["metric"] for r in shown], score, color=colours)
+    ax.barh([r["metric"] for r in shown], [score(r) for r in shown], color=colours)
     ax.axvline(1.0, color="k", lw=1)
     ax.set_xlabel("value relative to target (>= 1 meets it)")
     ax.invert_yaxis()

@@ -117,7 +117,8 @@ def run_cell(config: dict, shared: dict) -> None:
     refs = shared["groups"][cell["group"]]
     ctx = pipeline.Context.from_data(cfg, data_from_numpy(ray.get(refs["data"])),
                                      cfg.ray.distill_num_cpus)
-    trajectories = [trajectory_from_numpy(d, ctx.spec, cfg.distill.method == "mtt")
+    full = cfg.distill.method == "mtt"
+    trajectories = [trajectory_from_numpy(d, ctx.spec, full)
                     for d in ray.get(refs[cfg.distill.method])]
     store.write_json(layout.CONFIG, cfg.to_dict())
     placement = _placement_check(cfg)
@@ -133,7 +134,7 @@ def run_cell(config: dict, shared: dict) -> None:
     base = EvalResult(tuple(ray.get(baseline))) if baseline else None
     summary = pipeline.finish(ctx, store, outcome, started, experts, base)
     row = {"cell": cell["id"], "dataset": cell["dataset"], **_row(summary, outcome),
-           "storage_bytes_per_expert": _bytes_per_expert(experts, cfg.distill.method == "mtt"),
+           "storage_bytes_per_expert": _bytes_per_expert(experts, full),
            "num_experts": len(trajectories), "experts": experts.uri, **placement}
     store.write_json(CELL_DONE, row)
     tune.report(_progress(row))
@@ -141,10 +142,10 @@ def run_cell(config: dict, shared: dict) -> None:
 
 def _row(summary: dict, outcome: pipeline.DistillOutcome) -> dict:
     """The grid's columns from a run's summary."""
-    keys = ("data", "ipc", "method", "seed", "best_acc_mean", "best_acc_std",
-            "best_iteration", "final_acc_mean", "final_acc_std", "iterations_to_within_2pts",
-            "iterations", "wall_seconds")
-    return {**{k: summary["dataset" if k == "data" else k] for k in keys},
+    keys = ("ipc", "method", "seed", "best_acc_mean", "best_acc_std", "best_iteration",
+            "final_acc_mean", "final_acc_std", "iterations_to_within_2pts", "iterations",
+            "wall_seconds")
+    return {"data": summary["dataset"], **{k: summary[k] for k in keys},
             "random_acc_mean": summary["random_baseline_acc_mean"],
             "random_acc_std": summary["random_baseline_acc_std"],
             "resumed_from": -1 if outcome.resumed_from is None else outcome.resumed_from}
