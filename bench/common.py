@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def save_table(name: str, rows: list[dict]) -> pathlib.Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.parquet"
+def save_table(name: str, rows: list[dict], folder: pathlib.Path = RESULTS) -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 

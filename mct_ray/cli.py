@@ -1,4 +1,4 @@
-"""`mct-ray` console command: run | experts | distill | eval | grid.
+"""`mct-ray` console command: run | experts | distill | eval | grid | config.
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 anything else.
 """
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--local", action="store_true",
                        help="run in this one process, without Ray (default: on the Ray "
                        "cluster of RAY_ADDRESS, or a local Ray started for the job)")
+    c = sub.add_parser("config", help="print the resolved config as JSON (nothing runs)")
+    c.add_argument("--recipe", "--config", dest="recipe", default="digits",
+                   help="named recipe (default: digits) or a .yaml/.json config file")
+    c.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. distill.method=mtt")
     g = sub.add_parser("grid", help="data sets x ipc x method x seed on Ray Tune")
     g.add_argument("--spec", default=None, help="named grid (default: digits) or a .yaml file")
     g.add_argument("--out", default=None, help="grid folder or URI "
@@ -133,7 +138,7 @@ def cmd_grid(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "grid", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "grid", "config", "-h", "--help"):
         argv = ["run", *argv]
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
@@ -143,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "config":
+            print(load_config(args.recipe, args.overrides).to_json())
+            return 0
         if args.command == "grid":
             grid = cmd_grid(args)
             print(grid.table)

@@ -1,7 +1,8 @@
 """One typed config tree, validated once at the entrypoint, then frozen.
 
 A run's config is: dataclass defaults <- recipe YAML (which may name a `base` recipe)
-<- command-line `key=value` overrides. `load_config` is the only constructor the entrypoints
+<- the recipe's `by_method.<method>` section for the run's distill.method (a recipe carries
+MCT's and MTT's presets side by side) <- command-line `key=value` overrides. `load_config` is the only constructor the entrypoints
 use; every value is checked against the bounds declared next to its field, so a bad key or
 value fails before any work starts with a message naming the key and what is allowed.
 """
@@ -31,8 +32,8 @@ def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _f("digits", choices=("digits", "cifar10", "cifar100", "tinyimagenet",
-                                      "imagefolder", "random"))
+    name: str = _f("digits", choices=("digits", "mnist", "fashion-mnist", "cifar10", "cifar100",
+                                      "tinyimagenet", "imagefolder", "random"))
     root: str = _f("data", doc="where data sets are looked for (and downloaded to)")
     download: bool = _f(False)
     resolution: int = _f(0, lo=0, hi=1024, doc="0 keeps the native size")
@@ -80,7 +81,10 @@ class ExpertConfig:
     batch: int = _f(256, lo=1, hi=1_000_000)
     momentum: float = _f(0.0, lo=0.0, hi=0.999)
     weight_decay: float = _f(0.0, lo=0.0, hi=1.0)
-    anchors: tuple = _f((), doc="interior epochs where the convex path bends (authors: 6, 25)")
+    anchors: tuple = _f((), doc="interior epochs where the convex path bends (paper: 6, 25)")
+    smooth_anchors: bool = _f(False, doc="each interior anchor as the mean of its neighbouring "
+                              "epochs, the end as the mean of the last two (authors' "
+                              "trajectory_compression.py)")
     keep_full: bool = _f(False, doc="also keep every epoch (the MTT trajectory)")
     store_init_as_seed: bool = _f(False, doc="store theta(0) as its seed, rebuilt on load")
 
@@ -269,9 +273,15 @@ def _check_cross(cfg: Config) -> None:
             if v != int(v):
                 raise ConfigError(f"config key '{key}' must be a whole number for method mtt "
                                   f"(MTT samples stored epochs), got {v}")
-        if d.max_start_epoch + d.expert_epochs > e.epochs:
-            raise ConfigError("config keys 'distill.max_start_epoch' + 'distill.expert_epochs' "
-                              f"must not exceed expert.epochs ({e.epochs}) for method mtt")
+        # MTT's start epoch is drawn from 0 .. max_start_epoch - 1 (numpy's randint).
+        if d.max_start_epoch < 1:
+            raise ConfigError("config key 'distill.max_start_epoch' must be at least 1 for "
+                              f"method mtt (starts are 0 .. max_start_epoch - 1), got "
+                              f"{d.max_start_epoch}")
+        if d.max_start_epoch - 1 + d.expert_epochs > e.epochs:
+            raise ConfigError("config keys 'distill.max_start_epoch' - 1 + "
+                              "'distill.expert_epochs' must not exceed expert.epochs "
+                              f"({e.epochs}) for method mtt")
     if d.expert_epochs <= 0:
         raise ConfigError("config key 'distill.expert_epochs' must be above 0")
     anchors = e.anchors
@@ -279,6 +289,9 @@ def _check_cross(cfg: Config) -> None:
             list(anchors) != sorted(set(anchors)) or any(a <= 0 or a >= e.epochs for a in anchors):
         raise ConfigError(f"config key 'expert.anchors' must be increasing whole epochs strictly "
                           f"between 0 and expert.epochs ({e.epochs}), got {list(anchors)}")
+    if e.smooth_anchors and not anchors:
+        raise ConfigError("config key 'expert.smooth_anchors' needs interior anchors "
+                          "(expert.anchors), as the authors' compression script smooths them")
 
 
 def from_dict(values: dict) -> Config:
@@ -344,12 +357,30 @@ def _recipe_dict(name: str, seen: tuple = ()) -> dict:
     return values
 
 
+def _method_preset(values: dict, over: dict) -> dict:
+    """The recipe's `by_method` section for the method the run will use."""
+    by_method = values.pop("by_method", None) or {}
+    methods = DistillConfig.__dataclass_fields__["method"].metadata["choices"]
+    if not isinstance(by_method, dict) or any(m not in methods for m in by_method):
+        raise ConfigError(f"recipe key 'by_method' must map a method ({', '.join(methods)}) "
+                          f"to config sections, got {by_method!r}")
+    method = next((d["method"] for d in (over.get("distill"), values.get("distill"))
+                   if isinstance(d, dict) and "method" in d), DistillConfig.method)
+    preset = by_method.get(method) or {}
+    if not isinstance(preset, dict):
+        raise ConfigError(f"recipe key 'by_method.{method}' must hold config sections")
+    return preset
+
+
 def load_config(recipe: str = "digits", overrides: dict[str, Any] | list[str] | None = None,
                 ) -> Config:
-    """The entrypoints' one way to get a Config: recipe <- overrides, validated and frozen."""
+    """The entrypoints' one way to get a Config: recipe <- its preset for the run's method
+    <- overrides, validated and frozen."""
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    values = _merge(_recipe_dict(recipe), _nest(dict(overrides or {})))
+    over = _nest(dict(overrides or {}))
+    values = _recipe_dict(recipe)
+    values = _merge(_merge(values, _method_preset(values, over)), over)
     values["recipe"] = recipe
     return from_dict(values)
 

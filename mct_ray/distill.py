@@ -81,10 +81,10 @@ def sample_segment(trajectories: list[Trajectory], cfg: DistillConfig, gen: torc
                    device: str) -> Segment:
     k = int(torch.randint(len(trajectories), (1,), generator=gen))
     traj = trajectories[k]
-    if cfg.method == "mct":  # continuous: c ~ U[0, max_start]
+    if cfg.method == "mct":  # continuous: c ~ U[0, max_start), as np.random.uniform
         c = float(torch.rand((), generator=gen, dtype=torch.float64)) * cfg.max_start_epoch
-    else:  # MTT: a whole epoch in [0, max_start]
-        c = float(torch.randint(int(cfg.max_start_epoch) + 1, (1,), generator=gen))
+    else:  # MTT: a whole epoch in 0 .. max_start - 1, as np.random.randint in MTT's code
+        c = float(torch.randint(int(cfg.max_start_epoch), (1,), generator=gen))
     target_epoch = min(c + cfg.expert_epochs, traj.num_epochs)
     start = unflatten(traj.spec, traj.point(c).to(device))
     target = unflatten(traj.spec, traj.point(target_epoch).to(device))

@@ -63,6 +63,24 @@ def train_epoch(net: ConvNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
     return total / len(x)
 
 
+def smoothing_epochs(cfg: ExpertConfig) -> tuple[int, ...]:
+    """With smooth_anchors, the epochs whose parameters make the smoothed anchors: each
+    interior anchor e becomes the mean of epochs e-1 and e+1, the end the mean of K-1 and K
+    (the authors' exps/trajectory_compression.py); theta(0) stays. Empty without smoothing."""
+    if not cfg.smooth_anchors:
+        return ()
+    near = {n for e in cfg.anchors for n in (e - 1, e + 1)}
+    return tuple(sorted(near | {0, cfg.epochs - 1, cfg.epochs}))
+
+
+def anchor_points(cfg: ExpertConfig, snapshots: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(num_anchors, P): theta at 0, each interior anchor and K, smoothed when configured."""
+    if not cfg.smooth_anchors:
+        return torch.stack([snapshots[e] for e in (0, *cfg.anchors, cfg.epochs)])
+    pairs = [(e - 1, e + 1) for e in cfg.anchors] + [(cfg.epochs - 1, cfg.epochs)]
+    return torch.stack([snapshots[0]] + [(snapshots[a] + snapshots[b]) / 2 for a, b in pairs])
+
+
 def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augmenter, seed: int,
                  expert_id: int, device: str = "cpu") -> ExpertResult:
     theta_seed = init_seed(seed, expert_id)
@@ -71,12 +89,14 @@ def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augment
                           weight_decay=cfg.weight_decay)
     gen = generator(seed, "expert-batches", expert_id)
     anchor_epochs = (0, *cfg.anchors, cfg.epochs)
+    kept = set(smoothing_epochs(cfg) or anchor_epochs)  # the epochs the anchors are made of
 
     def snapshot() -> torch.Tensor:
         return flatten([p.detach() for p in net.params]).cpu().clone()
 
     prev = [p.detach().clone() for p in net.params]
-    anchors, checkpoints = [snapshot()], [snapshot()] if cfg.keep_full else []
+    snapshots = {0: snapshot()}
+    checkpoints = [snapshots[0]] if cfg.keep_full else []
     step_norms = torch.zeros(cfg.epochs, len(prev), dtype=torch.float64)  # (K, T)
     for epoch in range(cfg.epochs):
         loss = train_epoch(net, opt, data.train_x, data.train_y, cfg.batch, aug, gen)
@@ -84,14 +104,15 @@ def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augment
             for i, (p, q) in enumerate(zip(net.params, prev)):
                 step_norms[epoch, i] = torch.linalg.vector_norm((p - q).double())
                 q.copy_(p)
-        if epoch + 1 in anchor_epochs[1:]:
-            anchors.append(snapshot())
+        if epoch + 1 in kept:
+            snapshots[epoch + 1] = snapshot()
         if cfg.keep_full:
             checkpoints.append(snapshot())
         log.debug("expert %d epoch %d loss %.4f", expert_id, epoch, loss)
     acc = accuracy(net, data.test_x, data.test_y)
-    info = {"expert_id": expert_id, "seed": seed, "test_acc": acc, "data": data.name}
-    convex = ConvexTrajectory(spec, anchor_epochs, torch.stack(anchors),
+    info = {"expert_id": expert_id, "seed": seed, "test_acc": acc, "data": data.name,
+            "smooth_anchors": cfg.smooth_anchors}
+    convex = ConvexTrajectory(spec, anchor_epochs, anchor_points(cfg, snapshots),
                               beta_from_step_norms(step_norms).float(), info)
     full = FullTrajectory(spec, torch.stack(checkpoints), info) if cfg.keep_full else None
     return ExpertResult(expert_id, convex, full, theta_seed, acc)

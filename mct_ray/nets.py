@@ -49,6 +49,17 @@ class NetSpec:
         return ARCHITECTURES[self.name].init(self, generator)
 
     @property
+    def first_padding(self) -> int:
+        """The first convolution's padding: 3 for one-channel 28x28 input (MNIST and
+        Fashion-MNIST run at 32x32, as the DC/DSA/MTT ConvNet does), else 1."""
+        return 3 if self.channels == 1 and self.resolution == 28 else 1
+
+    @property
+    def feature_side(self) -> int:
+        """Side of the last block's output (after its pooling)."""
+        return (self.resolution + 2 * self.first_padding - 2) // 2 ** self.depth
+
+    @property
     def num_params(self) -> int:
         return sum(math.prod(s) for _, s in self.param_shapes())
 
@@ -72,7 +83,7 @@ def _convnet_shapes(spec: NetSpec) -> list[tuple[str, tuple[int, ...]]]:
             shapes.append((f"blocks.{i}.norm.weight", (spec.width,)))
             shapes.append((f"blocks.{i}.norm.bias", (spec.width,)))
         in_ch = spec.width
-    side = spec.resolution // 2 ** spec.depth
+    side = spec.feature_side
     shapes.append(("classifier.weight", (spec.num_classes, spec.width * side * side)))
     shapes.append(("classifier.bias", (spec.num_classes,)))
     return shapes
@@ -81,8 +92,8 @@ def _convnet_shapes(spec: NetSpec) -> list[tuple[str, tuple[int, ...]]]:
 def _convnet_forward(spec: NetSpec, params: Sequence[torch.Tensor], x: torch.Tensor
                      ) -> torch.Tensor:
     it = iter(params)
-    for _ in range(spec.depth):
-        x = conv3x3(x, next(it), next(it))
+    for i in range(spec.depth):
+        x = conv3x3(x, next(it), next(it), spec.first_padding if i == 0 else 1)
         if spec.norm == "instancenorm":
             # Instance norm with affine parameters, as GroupNorm(width, width) in MTT.
             x = instance_norm(x, next(it), next(it))
@@ -124,15 +135,16 @@ def _convnet_init(spec: NetSpec, gen: torch.Generator) -> list[torch.Tensor]:
 _EPS = 1e-5
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1)."""
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int = 1
+            ) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=padding)."""
     low = _autocast_dtype(x)
     if low is None:
-        return _Conv3x3.apply(x, weight, bias)
+        return _Conv3x3.apply(x, weight, bias, padding)
     # Under autocast, cast outside the Function so that the casts are on the graph (the
     # double backward must reach x and weight), then run at that precision.
     with torch.autocast(x.device.type, enabled=False):
-        return _Conv3x3.apply(x.to(low), weight.to(low), bias.to(low))
+        return _Conv3x3.apply(x.to(low), weight.to(low), bias.to(low), padding)
 
 
 def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -162,13 +174,13 @@ def _engine_uses(t: torch.Tensor) -> bool:
         return True
 
 
-def _conv_backward(grad_out, x, weight, mask):
+def _conv_backward(grad_out, x, weight, mask, pad):
     # (grad wrt x of conv(x, weight), grad wrt weight, grad wrt bias), each where mask says.
     grad_x = None
     if mask[0] and x.shape[1] <= _FEW_CHANNELS:
-        grad_x, mask = _conv_grad_input_gemm(grad_out, weight, x.shape), (False, *mask[1:])
+        grad_x, mask = _conv_grad_input_gemm(grad_out, weight, x.shape, pad), (False, *mask[1:])
     grads = torch.ops.aten.convolution_backward(
-        grad_out, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        grad_out, x, weight, [weight.shape[0]], [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
         list(mask))
     return (grads[0] if grad_x is None else grad_x, grads[1], grads[2])
 
@@ -178,36 +190,39 @@ def _conv_backward(grad_out, x, weight, mask):
 _FEW_CHANNELS = 4
 
 
-def _conv_grad_input_gemm(grad_out, weight, x_shape):
+def _conv_grad_input_gemm(grad_out, weight, x_shape, pad):
     n, c_out, h, w = grad_out.shape
     cols = torch.matmul(weight.reshape(c_out, -1).t(), grad_out.reshape(n, c_out, h * w))
-    return F.fold(cols, (h, w), 3, padding=1)  # (N, C_in, H, W)
+    return F.fold(cols, tuple(x_shape[-2:]), 3, padding=pad)  # (N, C_in, H, W)
 
 
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, pad):
         ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, bias, padding=1)
+        ctx.pad = pad
+        return F.conv2d(x, weight, bias, padding=pad)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # The student's inner gradient is w.r.t. the parameters only: the first layer's
         # input (the images) requires grad for the outer pass, not for this one.
         need_x = need_x and _engine_uses(x)
-        return _Conv3x3Backward.apply(grad_out, x, weight, (need_x, need_w, need_b))
+        return (*_Conv3x3Backward.apply(grad_out, x, weight, (need_x, need_w, need_b), ctx.pad),
+                None)
 
 
 class _Conv3x3Backward(torch.autograd.Function):
     """(gy, x, W) -> (gx, gW, gb); linear in gy, and in x and W separately."""
 
     @staticmethod
-    def forward(ctx, grad_out, x, weight, mask):
+    def forward(ctx, grad_out, x, weight, mask, pad):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad_out, x, weight)
-        return _conv_backward(grad_out, x, weight, mask)
+        ctx.pad = pad
+        return _conv_backward(grad_out, x, weight, mask, pad)
 
     @staticmethod
     def backward(ctx, g_gx, g_gw, g_gb):
@@ -216,19 +231,20 @@ class _Conv3x3Backward(torch.autograd.Function):
         #                dS/dW = corr(g_gx, gy),  dS/dx = conv^T(gy, g_gw).
         grad_out, x, weight = ctx.saved_tensors
         need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        pad = ctx.pad
         d_gy = d_x = d_w = None
         if need_gy:
             if g_gw is not None or g_gb is not None:
                 d_gy = F.conv2d(x, torch.zeros_like(weight) if g_gw is None else g_gw, g_gb,
-                                padding=1)
+                                padding=pad)
             if g_gx is not None:
-                term = F.conv2d(g_gx, weight, padding=1)
+                term = F.conv2d(g_gx, weight, padding=pad)
                 d_gy = term if d_gy is None else d_gy.add_(term)
         mask = (need_x and g_gw is not None, need_w and g_gx is not None, False)
         if any(mask):
             d_x, d_w, _ = _conv_backward(grad_out, x if g_gx is None else g_gx,
-                                         weight if g_gw is None else g_gw, mask)
-        return d_gy, d_x, d_w, None
+                                         weight if g_gw is None else g_gw, mask, pad)
+        return d_gy, d_x, d_w, None, None
 
 
 def _pool2(x: torch.Tensor) -> torch.Tensor:
@@ -343,10 +359,11 @@ def make_spec(cfg: NetConfig, shape: tuple[int, int, int], num_classes: int) -> 
     if height != width:
         raise ConfigError(f"net: images must be square, got {height}x{width}")
     depth = cfg.depth or default_depth(height)
-    if height // 2 ** depth < 1:
+    spec = NetSpec(cfg.name, channels, height, num_classes, cfg.width, depth, cfg.norm)
+    if spec.feature_side < 1:
         raise ConfigError(f"config key 'net.depth' must leave at least 1 pixel after pooling: "
                           f"depth {depth} at resolution {height}")
-    return NetSpec(cfg.name, channels, height, num_classes, cfg.width, depth, cfg.norm)
+    return spec
 
 
 class ConvNet(nn.Module):

@@ -21,15 +21,22 @@ def test_all_shipped_recipes_load():
 
 
 def test_recipes_carry_the_reference_hyperparameters():
-    c1, c10, c50 = (load_config(f"cifar10-ipc{i}").distill for i in (1, 10, 50))
-    assert (c1.syn_steps, c10.syn_steps, c50.syn_steps) == (50, 30, 30)
-    assert (c1.expert_epochs, c10.expert_epochs, c50.expert_epochs) == (5, 6, 6)  # MCT paper
-    assert (c1.max_start_epoch, c10.max_start_epoch, c50.max_start_epoch) == (2, 20, 40)
-    assert (c1.lr_img, c10.lr_img, c50.lr_img) == (100, 100, 1000)
-    assert (c1.lr_lr, c10.lr_lr, c50.lr_lr) == (1e-7, 1e-5, 1e-5)
-    assert (c1.lr_teacher, c10.lr_teacher, c50.lr_teacher) == (0.01, 0.001, 0.001)
-    assert [load_config(f"cifar10-ipc{i}").data.zca for i in (1, 10, 50)] == [True, True, False]
-    assert load_config("tinyimagenet-ipc1").net.depth in (0, 4)
+    """MCT: the authors' run_command.md; MTT: its hyper-parameter table (sources in the YAML)."""
+    mct = [load_config(f"cifar10-ipc{i}").distill for i in (1, 10, 50)]
+    mtt = [load_config(f"cifar10-ipc{i}", ["distill.method=mtt"]).distill for i in (1, 10, 50)]
+    assert [(d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr)
+            for d in mct] == [(60, 6, 4, 1000, 1e-7), (30, 15, 8, 1000, 1e-5),
+                              (30, 2, 40, 1000, 1e-5)]
+    assert [(d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr, d.lr_teacher)
+            for d in mtt] == [(50, 2, 2, 100, 1e-7, 0.01), (30, 2, 20, 100, 1e-5, 0.001),
+                              (30, 2, 40, 1000, 1e-5, 0.001)]
+    assert all(d.grad_mode == "tesla" and d.lr_teacher == 0.01 and d.batch_syn == 0
+               for d in mct)
+    assert [load_config(f"cifar10-ipc{i}", [f"distill.method={m}"]).data.zca
+            for m in ("mct", "mtt") for i in (1, 10, 50)] == [True] * 5 + [False]
+    tiny = load_config("tinyimagenet-ipc1")
+    assert tiny.net.depth == 3 and tiny.data.zca and tiny.expert.anchors == (15, 30)
+    assert load_config("tinyimagenet-ipc1", ["distill.method=mtt"]).data.zca is False
 
 
 def test_overrides_are_typed_and_nested():

@@ -169,15 +169,6 @@ def test_mct_target_is_clamped_to_the_last_epoch(tiny_experts, tiny_cfg):
         assert seg.target_epoch == min(seg.start_epoch + 3.0, 4)
 
 
-def test_mtt_samples_whole_epochs(tiny_experts, tiny_cfg):
-    cfg = dataclasses.replace(tiny_cfg.distill, method="mtt", max_start_epoch=2,
-                              expert_epochs=2)
-    trajs = trajectories_of(tiny_experts, "mtt")
-    starts = {sample_segment(trajs, cfg, generator(0, "m", i), "cpu").start_epoch
-              for i in range(100)}
-    assert starts == {0.0, 1.0, 2.0}
-
-
 def make_distiller(tiny_ctx, tiny_experts, **overrides) -> Distiller:
     from mct_ray.pipeline import make_distiller as build
 

@@ -69,29 +69,49 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _decode(path: Path, size: int | None) -> np.ndarray:
-    """One image as (3, H, W) uint8 RGB, resized to size x size when size is given."""
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+def _open(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if size and img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img).transpose(2, 0, 1)
+        return Image.open(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def _load_images(paths: Sequence[Path], size: int | None, fix: str) -> torch.Tensor:
-    """Decode `paths` into (N, 3, H, W) float32 in [0, 1].
+def channels_of(paths: Sequence[Path]) -> int:
+    """1 when every image is grayscale, else 3 (from the file headers; nothing decoded)."""
+    for path in paths:
+        with _open(path) as img:
+            if img.mode not in GRAY_MODES:
+                return 3
+    return 1
+
+
+def _decode(path: Path, size: int | None, channels: int) -> np.ndarray:
+    """One image as (channels, H, W) uint8 (gray or RGB), resized to size x size if given."""
+    try:
+        with _open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size and img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(img).reshape(img.size[1], img.size[0], channels).transpose(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def _load_images(paths: Sequence[Path], size: int | None, fix: str, channels: int = 3
+                 ) -> torch.Tensor:
+    """Decode `paths` into (N, channels, H, W) float32 in [0, 1].
 
     With size None every image must share the first one's size; `fix` tells the user how
     to make them agree.
     """
-    first = _decode(paths[0], size)
+    first = _decode(paths[0], size, channels)
     out = np.empty((len(paths), *first.shape), dtype=np.uint8)
     out[0] = first
     for i, path in enumerate(paths[1:], start=1):
-        img = _decode(path, size)
+        img = _decode(path, size, channels)
         if img.shape != first.shape:
             raise DataError(f"image {path} is {img.shape[2]}x{img.shape[1]} but {paths[0]} "
                             f"is {first.shape[2]}x{first.shape[1]}; {fix}")
@@ -198,7 +218,8 @@ def _folder_split(split: Path, classes: list[str]) -> tuple[list[Path], list[int
 
 @register("imagefolder")
 def load_imagefolder(cfg: DataConfig) -> RawSplits:
-    """Class-per-folder images; class names and order come from the train folder."""
+    """Class-per-folder images; class names and order come from the train folder. A set of
+    grayscale images stays one channel; any colour image makes every image RGB."""
     root = Path(cfg.root)
     classes = _class_folders(root / "train")
     val_classes = _class_folders(root / "val")
@@ -210,10 +231,12 @@ def load_imagefolder(cfg: DataConfig) -> RawSplits:
     fix = "set data.resolution=<n> to resize every image to n x n"
     train_files, train_y = _folder_split(root / "train", classes)
     test_files, test_y = _folder_split(root / "val", classes)
-    log.info("loading image folder %s (%d classes, %d train, %d test images)", root,
-             len(classes), len(train_files), len(test_files))
-    return RawSplits(_load_images(train_files, size, fix),
+    channels = channels_of(train_files + test_files)
+    log.info("loading image folder %s (%d classes, %d train, %d test images, %d channel%s)",
+             root, len(classes), len(train_files), len(test_files), channels,
+             "s" if channels > 1 else "")
+    return RawSplits(_load_images(train_files, size, fix, channels),
                      torch.tensor(train_y, dtype=torch.int64),
-                     _load_images(test_files, size, fix),
+                     _load_images(test_files, size, fix, channels),
                      torch.tensor(test_y, dtype=torch.int64),
                      tuple(classes))

@@ -1,0 +1,246 @@
+"""Fashion-MNIST: MCT (exact and TESLA gradient) against MTT and random real images.
+
+One set of experts (every epoch kept) serves every method; for each (ipc, seed) the synthetic
+set starts from the same real images (its iteration-0 evaluation is the "random real images"
+baseline) and the same evaluation networks score every method at the same iteration.
+
+The reduced protocol fits in about an hour on a 2-core CPU; `REDUCED` lists every way it
+differs from the recipe (`fashion-mnist-ipc*`), and the table and the README quote it. The
+full protocol (`--protocol full`) runs the recipes unchanged: for a GPU.
+
+    python bench/fashion.py                        # reduced protocol, CPU, ~1 hour
+    python bench/fashion.py --protocol full --device cuda --threads 8
+    python bench/fashion.py --protocol tiny        # a seconds-long smoke run (the tests)
+Writes bench/results/fashion_<protocol>.parquet (one row per evaluation) and .png; last line
+fashion_mct_ipc1_best=<mean over seeds of MCT's (TESLA gradient, the authors') best, percent>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+
+import torch  # noqa: E402
+
+from bench.common import RESULTS, print_table, save_table  # noqa: E402
+from mct_ray.augment import Augmenter  # noqa: E402
+from mct_ray.config import load_config  # noqa: E402
+from mct_ray.data import ImageData, load_data  # noqa: E402
+from mct_ray.distill import Distiller, init_synthetic  # noqa: E402
+from mct_ray.evaluate import evaluate  # noqa: E402
+from mct_ray.experts import train_expert  # noqa: E402
+from mct_ray.nets import make_spec  # noqa: E402
+from mct_ray.pipeline import iterations_to_within, second_half_spread  # noqa: E402
+from mct_ray.rng import generator  # noqa: E402
+
+# (label, distill.method, distill.grad_mode): MCT as the authors ran it (TESLA-style
+# gradient), MCT with the exact gradient, MTT with its exact unroll.
+VARIANTS = (("MCT (TESLA grad.)", "mct", "tesla"), ("MCT (exact)", "mct", "unroll"),
+            ("MTT", "mtt", "unroll"))
+
+# What each protocol changes from the recipes. Both methods use the same segment settings
+# (N, M, max start) in the reduced protocols, so the comparison is of the method alone.
+PROTOCOLS = {
+    "reduced": {
+        "train_per_class": 300,  # 3,000 training images (of 60,000)
+        "test_per_class": 200,  # curves scored on 2,000 test images (of 10,000)
+        # the paper's waypoints 6 and 25 of 50 epochs, scaled to 5 epochs and rounded
+        "experts": ["expert.num_experts=4", "expert.epochs=5", "expert.batch=64",
+                    "expert.anchors=[1,3]"],
+        "segment": ["distill.syn_steps=10", "distill.expert_epochs=2",
+                    "distill.max_start_epoch=3"],
+        "ipc": {1: {"seeds": [0, 1, 2], "iterations": 100, "every": 20,
+                    "over": ["eval.epochs=300", "eval.num_eval=1"]},
+                10: {"seeds": [0], "iterations": 50, "every": 25,
+                     "over": ["eval.epochs=200", "eval.num_eval=1", "distill.batch_syn=20"]}},
+    },
+    "full": {
+        "train_per_class": 0, "test_per_class": 0, "experts": [], "segment": [],
+        "ipc": {ipc: {"seeds": [0, 1, 2], "iterations": 5000, "every": 100, "over": []}
+                for ipc in (1, 10, 50)},
+    },
+    "tiny": {  # a smoke run for the tests: every code path, seconds
+        "train_per_class": 5, "test_per_class": 5,
+        "experts": ["expert.num_experts=1", "expert.epochs=3", "expert.batch=16",
+                    "expert.anchors=[1]", "net.width=8"],
+        "segment": ["distill.syn_steps=2", "distill.expert_epochs=1",
+                    "distill.max_start_epoch=2"],
+        "ipc": {1: {"seeds": [0, 1], "iterations": 2, "every": 1,
+                    "over": ["eval.epochs=2", "eval.num_eval=1"]}},
+    },
+}
+
+
+def per_class(x: torch.Tensor, y: torch.Tensor, n: int, gen: torch.Generator):
+    """n random examples of every class (all of them when n is 0)."""
+    if not n:
+        return x, y
+    idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()),
+                                                                     generator=gen)[:n]]
+                     for c in range(int(y.max()) + 1)])
+    return x[idx], y[idx]
+
+
+def subset(data: ImageData, proto: dict) -> ImageData:
+    tx, ty = per_class(data.train_x, data.train_y, proto["train_per_class"],
+                       generator(0, "bench-train-subset"))
+    vx, vy = per_class(data.test_x, data.test_y, proto["test_per_class"],
+                       generator(0, "bench-test-subset"))
+    return dataclasses.replace(data, train_x=tx, train_y=ty, test_x=vx, test_y=vy)
+
+
+def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, init_acc,
+                  device) -> list[dict]:
+    full = cfg.distill.method == "mtt"
+    trajectories = [e.full if full else e.convex for e in experts]
+    distiller = Distiller(spec, trajectories, images, labels, cfg.distill, aug, seed, device)
+    rows = [{"iteration": 0, "acc_mean": init_acc, "seconds": 0.0}]
+    started = time.perf_counter()
+    for it in range(1, cfg.distill.iterations + 1):
+        distiller.step()
+        if it % every == 0:
+            seconds = time.perf_counter() - started
+            syn, lab, lr = distiller.snapshot()
+            res = evaluate(spec, syn, lab, lr, data, cfg.eval, cfg.augment, seed, it,
+                           device=device)
+            rows.append({"iteration": it, "acc_mean": res.mean, "seconds": seconds,
+                         "step_size": lr})
+            print(f"  it {it}: {100 * res.mean:.2f} %  step {lr:.4g}", flush=True)
+            started = time.perf_counter() - seconds  # evaluation time is not distillation's
+    return rows
+
+
+def run(protocol: str, device: str, data_root: str | None) -> list[dict]:
+    proto = PROTOCOLS[protocol]
+    common = ["run.progress=false", "expert.keep_full=true", *proto["experts"],
+              *proto["segment"]] + ([f"data.root={data_root}"] if data_root else [])
+    cfg0 = load_config("fashion-mnist", common)  # data, network and experts: shared by all
+    t0 = time.perf_counter()
+    data = subset(load_data(cfg0.data), proto)
+    spec = make_spec(cfg0.net, data.shape, data.num_classes)
+    aug = Augmenter(cfg0.augment)
+    experts = [train_expert(spec, data, cfg0.expert, aug, 0, i, device)
+               for i in range(cfg0.expert.num_experts)]
+    print(f"{len(experts)} experts in {time.perf_counter() - t0:.0f} s, test accuracy "
+          f"{[round(100 * e.test_acc, 1) for e in experts]} %", flush=True)
+    rows: list[dict] = []
+    for ipc, plan in proto["ipc"].items():
+        base = [*common, f"distill.iterations={plan['iterations']}", *plan["over"]]
+        recipe = f"fashion-mnist-ipc{ipc}"
+        cfg0 = load_config(recipe, base)
+        for seed in plan["seeds"]:
+            images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
+                                            generator(seed, "synthetic-init"))
+            init = evaluate(spec, images, labels, cfg0.distill.lr_teacher, data, cfg0.eval,
+                            cfg0.augment, seed, 0, device=device).mean
+            print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
+            for label, method, mode in VARIANTS:
+                cfg = load_config(recipe, [*base, f"distill.method={method}",
+                                           f"distill.grad_mode={mode}"])
+                print(f"ipc {ipc} seed {seed}: {label}", flush=True)
+                curve = distill_curve(cfg, spec, data, experts, images, labels, aug, seed,
+                                      plan["every"], init, device)
+                rows += [{"ipc": ipc, "seed": seed, "variant": label, **r} for r in curve]
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    keys = sorted({(r["ipc"], r["variant"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for ipc, variant in keys:
+        runs = {}
+        for r in rows:
+            if (r["ipc"], r["variant"]) == (ipc, variant):
+                runs.setdefault(r["seed"], []).append(r)
+        best = [max(r["acc_mean"] for r in curve) for curve in runs.values()]
+        at100 = [r["acc_mean"] for curve in runs.values() for r in curve
+                 if r["iteration"] == 100]
+        out.append({
+            "ipc": ipc, "variant": variant, "seeds": len(runs),
+            "random_real": 100 * statistics.fmean(c[0]["acc_mean"] for c in runs.values()),
+            "best": 100 * statistics.fmean(best),
+            "best_std": 100 * statistics.pstdev(best) if len(best) > 1 else 0.0,
+            "at_100": 100 * statistics.fmean(at100) if at100 else float("nan"),
+            "iters_within_2": statistics.fmean(iterations_to_within(c) for c in runs.values()),
+            "spread_2nd_half": 100 * statistics.fmean(second_half_spread(c)
+                                                      for c in runs.values()),
+            "s_per_iter": statistics.fmean(max(r["seconds"] for r in c) / c[-1]["iteration"]
+                                           for c in runs.values()),
+        })
+    return out
+
+
+def mct_minus_mtt(rows: list[dict], ipc: int, variant: str) -> tuple[float, float]:
+    """Per-seed difference of the best accuracy (points): mean and std over seeds."""
+    best = {}
+    for r in rows:
+        if r["ipc"] == ipc:
+            key = (r["variant"], r["seed"])
+            best[key] = max(best.get(key, 0.0), r["acc_mean"])
+    diffs = [100 * (best[(variant, s)] - best[("MTT", s)])
+             for (v, s) in best if v == variant]
+    return statistics.fmean(diffs), (statistics.pstdev(diffs) if len(diffs) > 1 else 0.0)
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ipcs = sorted({r["ipc"] for r in rows})
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(6 * len(ipcs), 4), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        for label, _, _ in VARIANTS:
+            curves = {}
+            for r in rows:
+                if r["ipc"] == ipc and r["variant"] == label:
+                    curves.setdefault(r["iteration"], []).append(100 * r["acc_mean"])
+            its = sorted(curves)
+            ax.plot(its, [statistics.fmean(curves[i]) for i in its], marker="o", label=label)
+        ax.set_title(f"Fashion-MNIST, ipc {ipc} (mean over seeds; iteration 0 = the initial "
+                     "random real images)", fontsize=8)
+        ax.set_xlabel("distillation iteration")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="reduced")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-root", default=None, help="where the IDX files are "
+                        "(default: data/, then Debian's /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = run(args.protocol, args.device, args.data_root)
+    out = pathlib.Path(args.out) if args.out else RESULTS
+    name = f"fashion_{args.protocol}"
+    save_table(name, rows, out)
+    table = summarise(rows)
+    save_table(f"{name}_summary", table, out)
+    plot(rows, out / f"{name}.png")
+    print_table(table)
+    for label in ("MCT (TESLA grad.)", "MCT (exact)"):
+        mean, std = mct_minus_mtt(rows, 1, label)
+        print(f"ipc 1, {label} best minus MTT best: {mean:+.2f} +- {std:.2f} points")
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    best = next(t["best"] for t in table if t["ipc"] == 1 and t["variant"] == VARIANTS[0][0])
+    print(f"fashion_mct_ipc1_best={best:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
