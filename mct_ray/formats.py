@@ -51,9 +51,13 @@ def read_header(data: bytes, name: str) -> dict[str, str]:
     try:
         (size,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + size])
-        return dict(header.get("__metadata__") or {})
+        meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
     except (struct.error, ValueError, UnicodeDecodeError):
         raise FormatError(f"{name}: not a safetensors file (corrupt or truncated)") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{name}: not a safetensors file (its header or metadata is not a "
+                          "JSON object of strings)")
+    return dict(meta)
 
 
 def unpack(data: bytes, fmt: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

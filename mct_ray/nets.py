@@ -372,15 +372,7 @@ class ConvNet(nn.Module):
     def __init__(self, spec: NetSpec, params: Sequence[torch.Tensor]):
         super().__init__()
         self.spec = spec
-        self._names = [n for n, _ in spec.param_shapes()]
         self.params = nn.ParameterList(nn.Parameter(p.clone()) for p in params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spec.forward(list(self.params), x)
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in zip(self._names, self.params)}
-
-
-def build_net(spec: NetSpec, generator: torch.Generator) -> ConvNet:
-    return ConvNet(spec, spec.init_params(generator))

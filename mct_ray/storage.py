@@ -39,6 +39,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+try:  # pyarrow imports pandas, when installed, at the first table it writes (0.3-0.6 s):
+    import pandas  # noqa: F401  at import, not at the first evaluation inside the loop
+except ImportError:  # (tests/test_runtime.py caught that pause under load)
+    pass
+
 from mct_ray.errors import DataError, StorageError
 
 CONFIG = "config.json"

@@ -9,6 +9,8 @@ Convex trajectory (paper eqs. 8-10, DESIGN.md): per parameter tensor l,
 With interior anchors (the authors' code bends the path at e.g. epochs 6 and 25) the path is
 piecewise linear through the anchors, and inside segment [e_j, e_j+1] the fraction is
 (beta(c) - beta(e_j)) / (beta(e_j+1) - beta(e_j)); with no anchors this is the formula above.
+The anchor points may be smoothed (experts.py, `expert.smooth_anchors`); beta always comes
+from the original checkpoints, as in the authors' compression script.
 """
 
 from __future__ import annotations

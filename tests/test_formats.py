@@ -121,3 +121,11 @@ def test_no_pickle_in_the_package():
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, path
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b'{"__metadata__": [1]}', b'"text"',
+                                    b'{"__metadata__": {"format": 3}}'])
+def test_header_that_is_json_but_not_an_object(header):
+    data = struct.pack("<Q", len(header)) + header
+    with pytest.raises(FormatError, match="not a JSON object of strings"):
+        formats.read_header(data, "x.safetensors")
