@@ -2,9 +2,10 @@
 
 A run's config is: dataclass defaults <- recipe YAML (which may name a `base` recipe)
 <- the recipe's `by_method.<method>` section for the run's distill.method (a recipe carries
-MCT's and MTT's presets side by side) <- command-line `key=value` overrides. `load_config` is the only constructor the entrypoints
-use; every value is checked against the bounds declared next to its field, so a bad key or
-value fails before any work starts with a message naming the key and what is allowed.
+MCT's and MTT's presets side by side) <- command-line `key=value` overrides. `load_config`
+is the only constructor the entrypoints use; every value is checked against the bounds
+declared next to its field, so a bad key or value fails before any work starts with a
+message naming the key and what is allowed.
 """
 
 from __future__ import annotations
