@@ -4,8 +4,8 @@ One set of experts (every epoch kept) serves every method; for each (ipc, seed) 
 set starts from the same real images (its iteration-0 evaluation is the "random real images"
 baseline) and the same evaluation networks score every method at the same iteration.
 
-The reduced protocol fits in about an hour on a 2-core CPU; `REDUCED` lists every way it
-differs from the recipe (`fashion-mnist-ipc*`), and the table and the README quote it. The
+The reduced protocol fits in about an hour on a 2-core CPU; `PROTOCOLS["reduced"]` lists
+every way it differs from the recipe (`fashion-mnist-ipc*`), and the table and the README quote it. The
 full protocol (`--protocol full`) runs the recipes unchanged: for a GPU.
 
     python bench/fashion.py                        # reduced protocol, CPU, ~1 hour
@@ -139,12 +139,12 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
         base = [*common, f"distill.iterations={iterations or plan['iterations']}",
                 *plan["over"]]
         recipe = f"fashion-mnist-ipc{ipc}"
-        cfg0 = load_config(recipe, base)
+        ipc_cfg = load_config(recipe, base)  # evaluation settings of this ipc
         for seed in plan["seeds"]:
             images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
                                             generator(seed, "synthetic-init"))
-            init = evaluate(spec, images, labels, cfg0.distill.lr_teacher, data, cfg0.eval,
-                            cfg0.augment, seed, 0, device=device).mean
+            init = evaluate(spec, images, labels, ipc_cfg.distill.lr_teacher, data,
+                            ipc_cfg.eval, ipc_cfg.augment, seed, 0, device=device).mean
             print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
             for label, method, mode in variants:
                 cfg = load_config(recipe, [*base, f"distill.method={method}",
