@@ -6,18 +6,22 @@ Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 anythin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import uuid
 
-from mct_ray import formats, pipeline
+from mct_ray import pipeline, preflight, runfolder
 from mct_ray import storage as layout
 from mct_ray.config import Config, load_config
 from mct_ray.errors import ConfigError, MctRayError
-from mct_ray.evaluate import evaluate
-from mct_ray.storage import Storage
+from mct_ray.runfolder import RunLock
+from mct_ray.storage import Storage, parent_and_name
 
 log = logging.getLogger("mct_ray")
 
@@ -38,9 +42,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="config overrides, e.g. distill.ipc=10 seed=3")
         if name == "distill":
             p.add_argument("--experts", default=None, help="run folder holding experts/")
-        if name in ("run", "distill"):
+        if name in ("run", "distill", "experts"):
             p.add_argument("--resume", action="store_true",
-                           help="continue from <out>/state.safetensors if present")
+                           help="continue the run in --out: train only missing experts, "
+                           "distill from <out>/state.safetensors")
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace what a run in --out already holds")
         if name == "eval":
             p.add_argument("--synthetic", default=None, help="a synthetic .safetensors file")
         p.add_argument("--local", action="store_true",
@@ -69,64 +76,85 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg.replace(**{"run.out": out})
 
 
-def cmd_experts(cfg: Config, args: argparse.Namespace) -> dict:
-    store = Storage.open(cfg.run.out, check=True)
-    store.write_json(layout.CONFIG, cfg.to_dict())
-    ctx = pipeline.Context.build(cfg)
-    results = pipeline.generate_experts(ctx, store)
-    return {"experts": len(results), "expert_test_acc": [r.test_acc for r in results]}
+# What each command does of the run sequence (pipeline.PHASES); `eval` re-scores a set.
+COMMAND_PHASES = {"run": ("experts", "distill"), "experts": ("experts",),
+                  "distill": ("distill",), "eval": ()}
 
 
-def cmd_distill(cfg: Config, args: argparse.Namespace, ctx=None) -> dict:
-    started = time.perf_counter()
-    store = Storage.open(cfg.run.out, check=True)
-    experts = Storage.open(getattr(args, "experts", None) or cfg.run.out)
-    ctx = ctx or pipeline.Context.build(cfg)
-    trajectories = pipeline.load_experts(experts, ctx.spec, full=cfg.distill.method == "mtt")
-    store.write_json(layout.CONFIG, cfg.to_dict())
-    outcome = pipeline.run_distillation(ctx, store, trajectories, resume=args.resume)
-    baseline = pipeline.run_baseline(ctx) if cfg.eval.baseline else None
-    return pipeline.finish(ctx, store, outcome, started, experts, baseline)
-
-
-def cmd_run(cfg: Config, args: argparse.Namespace) -> dict:
-    store = Storage.open(cfg.run.out, check=True)
-    store.write_json(layout.CONFIG, cfg.to_dict())
-    ctx = pipeline.Context.build(cfg)
-    if not (args.resume and store.list(layout.EXPERTS, ".safetensors")):
-        pipeline.generate_experts(ctx, store)
-    return cmd_distill(cfg, args, ctx)
-
-
-def cmd_eval(cfg: Config, args: argparse.Namespace) -> dict:
-    store = Storage.open(cfg.run.out, check=True)
-    ctx = pipeline.Context.build(cfg)
-    source, name = pipeline.synthetic_source(store, args.synthetic)
-    images, labels, step, info = formats.load_synthetic(source.read_bytes(name),
-                                                        source.uri_of(name), ctx.spec)
-    result = evaluate(ctx.spec, images, labels, step, ctx.data, cfg.eval, cfg.augment,
-                      cfg.seed, int(info.get("iteration", 0)), tag="final", device=ctx.device)
-    return pipeline.write_eval(store, cfg, result, source.uri_of(name))
-
-
-COMMANDS = {"run": cmd_run, "experts": cmd_experts, "distill": cmd_distill, "eval": cmd_eval}
-
-
-def _commands(local: bool) -> dict:
-    """The single-process commands, or their Ray versions (imported only when used)."""
+@contextlib.contextmanager
+def _backend(ctx: pipeline.Context, local: bool):
+    """This process, or Ray: the cluster of RAY_ADDRESS or one started for this command
+    (shut down after it). A project error raised on a worker comes back as itself."""
     if local:
-        return COMMANDS
-    if not os.environ.get("RAY_ADDRESS"):
-        # A Ray started for one job serves only this machine: keep it on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from mct_ray.runtime.driver import COMMANDS as ray_commands
+        yield pipeline.LocalBackend(ctx)
+        return
+    import ray
 
-    return ray_commands
+    from mct_ray.runtime.backend import RayBackend
+    from mct_ray.runtime.cluster import connect, disconnect, unwrap
+
+    started_ray = False
+    try:
+        started_ray = connect(ctx.cfg.ray)
+        yield RayBackend(ctx)
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap(exc) from None
+    finally:
+        disconnect(started_ray)
+
+
+def run_command(args: argparse.Namespace) -> dict:
+    """Check everything that can be checked, take the run folder, then run the command's
+    phases on the chosen backend. Nothing is written before the checks pass."""
+    started = time.time()
+    cfg = _config(args)
+    args.out = cfg.run.out
+    phases = COMMAND_PHASES[args.command]
+    if not args.local:
+        _ray_environment()
+        from mct_ray.runtime.cluster import check_address
+
+        check_address()
+    store = Storage.open(cfg.run.out, check=True)
+    given = getattr(args, "experts", None)
+    experts = Storage.open(given) if given else store
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    lock = RunLock.acquire(store, args.command)
+    try:
+        runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
+        ctx = pipeline.Context.build(cfg)
+        preflight.check(ctx, phases, experts)
+        if args.command == "eval":
+            source, name = _synthetic_source(store, args.synthetic)
+            with _backend(ctx, args.local) as backend:
+                return pipeline.evaluate_saved(ctx, store, backend, source, name)
+        if overwrite:
+            runfolder.clear(store, phases, experts_here=not given)
+        store.write_json(layout.CONFIG, cfg.to_dict())
+        with _backend(ctx, args.local) as backend:
+            return pipeline.run(ctx, store, backend, experts, phases, resume, uuid.uuid4().hex,
+                                started)
+    finally:
+        lock.release()
+
+
+def _synthetic_source(store: Storage, synthetic: str | None) -> tuple[Storage, str]:
+    """Where `eval` reads: a given file (path or URI), else the run's synthetic set."""
+    if not synthetic:
+        return store, layout.SYNTHETIC
+    folder, name = parent_and_name(synthetic)
+    return Storage.open(folder), name
+
+
+def _ray_environment() -> None:
+    if not os.environ.get("RAY_ADDRESS"):
+        # A Ray started for one command serves only this machine: keep it on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def cmd_grid(args: argparse.Namespace):
     """The grid, always on Ray (Tune); its summary table is printed before the JSON."""
-    _commands(local=False)
+    _ray_environment()
     from mct_ray.runtime.grid import run_grid
 
     if args.resume and not args.out:
@@ -136,9 +164,18 @@ def cmd_grid(args: argparse.Namespace):
     return run_grid(args.spec, args.overrides, out, args.resume)
 
 
+class Terminated(Exception):
+    """SIGTERM: end the command like Ctrl-C does (locks released, a Ray of its own shut
+    down), at any point."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, "grid", "config", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMAND_PHASES, "grid", "config", "-h", "--help"):
         argv = ["run", *argv]
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
@@ -147,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         if args.command == "config":
             print(load_config(args.recipe, args.overrides).to_json())
@@ -156,14 +195,20 @@ def main(argv: list[str] | None = None) -> int:
             print(grid.table)
             result, out = grid.to_dict(), grid.out
         else:
-            cfg = _config(args)
-            result, out = _commands(args.local)[args.command](cfg, args), cfg.run.out
+            result = run_command(args)
+            out = args.out
     except MctRayError as exc:
         print(f"mct-ray: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("mct-ray: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mct-ray: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     print(json.dumps(result, indent=2))
     print(f"outputs in {out}", file=sys.stderr)
     if args.command == "grid" and grid.failed:

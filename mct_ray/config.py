@@ -166,6 +166,17 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    @property
+    def needs_full(self) -> bool:
+        """Whether the distillation reads full (MTT) trajectories rather than convex ones."""
+        return self.distill.method == "mtt"
+
+    @property
+    def expert_training(self) -> ExpertConfig:
+        """How this run trains experts: full trajectories kept when its method reads them."""
+        return dataclasses.replace(self.expert,
+                                   keep_full=self.expert.keep_full or self.needs_full)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -265,9 +276,6 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 def _check_cross(cfg: Config) -> None:
     """Constraints that involve more than one key."""
     d, e = cfg.distill, cfg.expert
-    if d.max_start_epoch >= e.epochs:
-        raise ConfigError(f"config key 'distill.max_start_epoch' must be below expert.epochs "
-                          f"({e.epochs}), got {d.max_start_epoch}")
     if d.method == "mtt":
         for key, v in (("distill.max_start_epoch", d.max_start_epoch),
                        ("distill.expert_epochs", d.expert_epochs)):
@@ -279,10 +287,7 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError("config key 'distill.max_start_epoch' must be at least 1 for "
                               f"method mtt (starts are 0 .. max_start_epoch - 1), got "
                               f"{d.max_start_epoch}")
-        if d.max_start_epoch - 1 + d.expert_epochs > e.epochs:
-            raise ConfigError("config keys 'distill.max_start_epoch' - 1 + "
-                              "'distill.expert_epochs' must not exceed expert.epochs "
-                              f"({e.epochs}) for method mtt")
+    check_expert_epochs(d, e.epochs, "expert.epochs")
     if d.expert_epochs <= 0:
         raise ConfigError("config key 'distill.expert_epochs' must be above 0")
     anchors = e.anchors
@@ -293,6 +298,19 @@ def _check_cross(cfg: Config) -> None:
     if e.smooth_anchors and not anchors:
         raise ConfigError("config key 'expert.smooth_anchors' needs interior anchors "
                           "(expert.anchors), as the authors' compression script smooths them")
+
+
+def check_expert_epochs(d: DistillConfig, epochs: int, where: str) -> None:
+    """Whether experts of `epochs` epochs hold every segment the distillation samples: MCT
+    starts below max_start_epoch (its target is clamped to the end), MTT's last start is
+    max_start_epoch - 1 and its target expert_epochs later. `where` names the epochs' source."""
+    if d.max_start_epoch >= epochs:
+        raise ConfigError(f"config key 'distill.max_start_epoch' ({d.max_start_epoch:g}) must "
+                          f"be below the experts' epochs ({epochs}, {where})")
+    if d.method == "mtt" and d.max_start_epoch - 1 + d.expert_epochs > epochs:
+        raise ConfigError("config keys 'distill.max_start_epoch' - 1 + 'distill.expert_epochs' "
+                          f"({d.max_start_epoch - 1 + d.expert_epochs:g}) must not exceed the "
+                          f"experts' epochs ({epochs}, {where}) for method mtt")
 
 
 def from_dict(values: dict) -> Config:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,22 @@ class StepResult:
     step_size: float
     start_epoch: float
     skipped: bool
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """A synthetic set as it travels between the distiller, evaluation, files and workers:
+    images (num_classes * ipc, C, H, W), class-major labels, the learned step size, and
+    what is recorded with it (`info`: iteration, data set, normalisation, method)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    step_size: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def iteration(self) -> int:
+        return int(self.info.get("iteration", 0))
 
 
 def init_synthetic(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, ipc: int,
@@ -194,7 +211,7 @@ def grad_unroll(student: Student, images: torch.Tensor, step_size: torch.Tensor,
 
 
 def grad_checkpoint(student: Student, images: torch.Tensor, step_size: torch.Tensor,
-                    seg: Segment, plans: list[StepPlan], num_segments: int) -> torch.Tensor:
+                    seg: Segment, plans: list[StepPlan], num_segments: int = 0) -> torch.Tensor:
     # Memory is num_segments parameter copies plus one segment's graph (n / num_segments
     # steps); compute is the same for any count (one first-order sweep, then every step once
     # with its graph). A ConvNet's parameters are far smaller than one step's graph (1.3 MB
@@ -237,6 +254,18 @@ def grad_tesla(student: Student, images: torch.Tensor, step_size: torch.Tensor, 
     return loss
 
 
+# distill.grad_mode -> fn(student, images, step_size, segment, plans, cfg): fills images.grad
+# and step_size.grad for one segment and returns the matching loss.
+GradMode = Callable[[Student, torch.Tensor, torch.Tensor, Segment, list, DistillConfig],
+                    torch.Tensor]
+GRAD_MODES: dict[str, GradMode] = {
+    "unroll": lambda st, x, lr, seg, plans, cfg: grad_unroll(st, x, lr, seg, plans),
+    "checkpoint": lambda st, x, lr, seg, plans, cfg: grad_checkpoint(
+        st, x, lr, seg, plans, cfg.checkpoint_segments),
+    "tesla": lambda st, x, lr, seg, plans, cfg: grad_tesla(st, x, lr, seg, plans),
+}
+
+
 def _accumulate(leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
     if grad is None:
         return
@@ -264,13 +293,8 @@ class Distiller:
 
     def compute_grads(self, seg: Segment, plans: list[StepPlan]) -> torch.Tensor:
         """Fill images.grad and step_size.grad for one segment; returns the loss."""
-        mode = self.cfg.grad_mode
-        if mode == "unroll":
-            return grad_unroll(self.student, self.images, self.step_size, seg, plans)
-        if mode == "checkpoint":
-            return grad_checkpoint(self.student, self.images, self.step_size, seg, plans,
-                                   self.cfg.checkpoint_segments)
-        return grad_tesla(self.student, self.images, self.step_size, seg, plans)
+        return GRAD_MODES[self.cfg.grad_mode](self.student, self.images, self.step_size, seg,
+                                              plans, self.cfg)
 
     def step(self) -> StepResult:
         gen = generator(self.seed, "distill", self.iteration)
@@ -303,9 +327,9 @@ class Distiller:
         self.iteration += 1
         return result
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return (self.images.detach().cpu().clone(), self.labels.cpu().clone(),
-                float(self.step_size.detach()))
+    def snapshot(self) -> SyntheticSet:
+        return SyntheticSet(self.images.detach().cpu().clone(), self.labels.cpu().clone(),
+                            float(self.step_size.detach()), {"iteration": self.iteration})
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "bad_streak": self.bad_streak,

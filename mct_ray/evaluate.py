@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from mct_ray.augment import Augmenter
-from mct_ray.config import AugmentConfig, EvalConfig
+from mct_ray.config import AugmentConfig, Config
 from mct_ray.data import ImageData
-from mct_ray.distill import init_synthetic
+from mct_ray.distill import SyntheticSet, init_synthetic
 from mct_ray.experts import accuracy, train_epoch
 from mct_ray.nets import ConvNet, NetSpec
 from mct_ray.rng import derive_seed, generator
@@ -35,20 +35,20 @@ class EvalResult:
         return statistics.pstdev(self.accs) if len(self.accs) > 1 else 0.0
 
 
-def train_and_test(spec: NetSpec, images: torch.Tensor, labels: torch.Tensor, lr: float,
-                   test_x: torch.Tensor, test_y: torch.Tensor, cfg: EvalConfig,
-                   aug_cfg: AugmentConfig, seed: int, device: str = "cpu") -> float:
-    """Train one fresh network on (images, labels) and return its test accuracy."""
+def train_and_test(cfg: Config, spec: NetSpec, syn: SyntheticSet, test_x: torch.Tensor,
+                   test_y: torch.Tensor, seed: int, device: str = "cpu") -> float:
+    """Train one fresh network on the synthetic set and return its test accuracy."""
+    e = cfg.eval
     init = torch.Generator().manual_seed(derive_seed(seed, "eval-init"))
     net = ConvNet(spec, spec.init_params(init)).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [cfg.epochs // 2], gamma=0.1)
-    aug = Augmenter(aug_cfg if cfg.augment else AugmentConfig(enabled=False))
+    opt = torch.optim.SGD(net.parameters(), lr=syn.step_size, momentum=e.momentum,
+                          weight_decay=e.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [e.epochs // 2], gamma=0.1)
+    aug = Augmenter(cfg.augment if e.augment else AugmentConfig(enabled=False))
     gen = generator(seed, "eval-batches")
-    images, labels = images.detach().to(device), labels.to(device)
-    for _ in range(cfg.epochs):
-        train_epoch(net, opt, images, labels, cfg.batch, aug, gen)
+    images, labels = syn.images.detach().to(device), syn.labels.to(device)
+    for _ in range(e.epochs):
+        train_epoch(net, opt, images, labels, e.batch, aug, gen)
         sched.step()
     return accuracy(net, test_x, test_y)
 
@@ -58,16 +58,18 @@ def eval_seed(seed: int, tag: str, iteration: int, index: int) -> int:
     return derive_seed(seed, f"eval-{tag}", iteration, index)
 
 
-def evaluate(spec: NetSpec, images: torch.Tensor, labels: torch.Tensor, lr: float,
-             data: ImageData, cfg: EvalConfig, aug_cfg: AugmentConfig, seed: int,
-             iteration: int, tag: str = "syn", device: str = "cpu") -> EvalResult:
-    accs = tuple(train_and_test(spec, images, labels, lr, data.test_x, data.test_y, cfg,
-                                aug_cfg, eval_seed(seed, tag, iteration, i), device)
-                 for i in range(cfg.num_eval))
-    return EvalResult(accs)
+def evaluate(cfg: Config, spec: NetSpec, data: ImageData, syn: SyntheticSet, tag: str = "syn",
+             device: str = "cpu") -> EvalResult:
+    """eval.num_eval fresh networks trained on `syn`, seeded by its iteration and `tag`."""
+    return EvalResult(tuple(
+        train_and_test(cfg, spec, syn, data.test_x, data.test_y,
+                       eval_seed(cfg.seed, tag, syn.iteration, i), device)
+        for i in range(cfg.eval.num_eval)))
 
 
-def random_real(data: ImageData, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ipc random real training images per class (the 'Random' row of the paper's Table 1)."""
-    return init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
-                          generator(seed, "baseline"))
+def random_real(cfg: Config, data: ImageData) -> SyntheticSet:
+    """ipc random real training images per class (the 'Random' row of the paper's Table 1),
+    trained at the experts' learning rate: the baseline every run scores beside its own."""
+    images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes,
+                                    cfg.distill.ipc, generator(cfg.seed, "baseline"))
+    return SyntheticSet(images, labels, cfg.expert.lr, {"iteration": 0, "baseline": True})

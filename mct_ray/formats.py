@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
 from mct_ray.nets import NetSpec
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, Trajectory, flatten
@@ -160,14 +161,12 @@ def _regenerate_init(spec: NetSpec, meta: dict, name: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # Synthetic sets.
 
-def save_synthetic(images: torch.Tensor, labels: torch.Tensor, step_size: float,
-                   spec: NetSpec, info: dict) -> bytes:
-    return pack(SYNTHETIC, {"images": images.float(), "labels": labels.long()},
-                {"net": spec.to_dict(), "step_size": float(step_size), "info": info})
+def save_synthetic(syn: SyntheticSet, spec: NetSpec) -> bytes:
+    return pack(SYNTHETIC, {"images": syn.images.float(), "labels": syn.labels.long()},
+                {"net": spec.to_dict(), "step_size": float(syn.step_size), "info": syn.info})
 
 
-def load_synthetic(data: bytes, name: str, expected: NetSpec | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+def load_synthetic(data: bytes, name: str, expected: NetSpec | None = None) -> SyntheticSet:
     tensors, meta = unpack(data, SYNTHETIC, name)
     _check_spec(name, _spec_from(meta, name), expected)
     try:
@@ -177,7 +176,10 @@ def load_synthetic(data: bytes, name: str, expected: NetSpec | None = None
     if images.ndim != 4 or labels.shape != (len(images),):
         raise FormatError(f"{name}: images {tuple(images.shape)} and labels "
                           f"{tuple(labels.shape)} do not match")
-    return images, labels, step, meta.get("info", {})
+    info = meta.get("info", {})
+    if not isinstance(info, dict):
+        raise FormatError(f"{name}: 'info' is not an object")
+    return SyntheticSet(images, labels, step, info)
 
 
 # ---------------------------------------------------------------------------------------

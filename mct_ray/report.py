@@ -35,10 +35,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def image_grid_png(images: torch.Tensor, labels: torch.Tensor, info: dict,
-                   num_classes: int) -> bytes:
+def image_grid_png(syn, num_classes: int) -> bytes:
     """One column per class (at most 20), one row per image of that class (at most 10)."""
-    x = _displayable(images, info)
+    x, labels = _displayable(syn.images, syn.info), syn.labels
     classes = list(range(min(num_classes, MAX_CLASSES)))
     per_class = [torch.nonzero(labels == c).flatten()[:MAX_PER_CLASS] for c in classes]
     rows = max(1, max(len(p) for p in per_class))
@@ -56,20 +55,26 @@ def image_grid_png(images: torch.Tensor, labels: torch.Tensor, info: dict,
     return _png(fig)
 
 
-def curve_png(rows: list[dict], summary: dict) -> bytes:
+def curve_png(rows: list[dict], summary: dict, cfg) -> bytes:
+    """Accuracy against iteration. Iteration 0 is the initial set (real images drawn with the
+    run's seed, trained at the initial step size distill.lr_teacher); the dashed line is
+    other random real images trained at the experts' rate expert.lr, as the papers' Random
+    column: the two differ by the images and by the step size."""
     its = [r["iteration"] for r in rows]
     mean = [100 * r["acc_mean"] for r in rows]
     std = [100 * r["acc_std"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(its, mean, marker="o", label=f"{summary['method'].upper()} synthetic set")
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    ax.plot(its, mean, marker="o", label=f"{summary['method'].upper()} synthetic set "
+            f"(iteration 0: the initial real images, step size {cfg.distill.lr_teacher:g})")
     ax.fill_between(its, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     alpha=0.2)
     if summary.get("random_baseline_acc_mean") is not None:
         ax.axhline(100 * summary["random_baseline_acc_mean"], color="gray", ls="--",
-                   label="random real images")
+                   label=f"other random real images, step size {cfg.expert.lr:g} (Random)")
     ax.set_xlabel("distillation iteration")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{summary['dataset']}, ipc {summary['ipc']}")
-    ax.legend()
+    ax.set_title(f"{summary['dataset']}, ipc {summary['ipc']}: mean +- std of "
+                 f"{cfg.eval.num_eval} networks")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     return _png(fig)

@@ -28,7 +28,7 @@ def test_zca_whitens_raw_pixels_as_an_eigendecomposition():
     cfg = load_config("digits", ["data.name=random", "data.channels=2", "data.resolution=4",
                                  "data.num_train=300", "data.num_test=40", "data.zca=true"])
     data = load_data(cfg.data)
-    raw = random_splits(cfg.data, 0)  # the same raw [0, 1] pixels, nothing applied
+    raw = random_splits(cfg.data)  # the same raw [0, 1] pixels, nothing applied
     x = raw.train_x.double().flatten(1)
     mean = x.mean(0)
     cov = (x - mean).T @ (x - mean) / (len(x) - 1)

@@ -18,20 +18,44 @@ class ClusterError(MctRayError):
     """The Ray cluster named by RAY_ADDRESS cannot be reached (exit code 2)."""
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray
+# Client server) answers with a SETTINGS frame of its own; anything else does not.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS = 4
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Ray retries an unreachable GCS for minutes; a TCP probe fails in seconds instead."""
+    """Ray retries an address that is not a Ray cluster for many minutes (and ignores
+    SIGTERM meanwhile); a TCP connection and an HTTP/2 handshake tell in seconds whether a
+    gRPC server, as Ray's are, listens there."""
     if address == "auto":
         return  # Ray finds the local cluster's address file, and says so if there is none
-    hostport = address.split("://", 1)[-1]
+    hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"RAY_ADDRESS='{address}' is not host:port, ray://host:port or auto")
+    if not host or not port.isdigit() or address.startswith(("http://", "https://")):
+        raise ClusterError(f"RAY_ADDRESS='{address}' is not host:port, ray://host:port or "
+                           "auto (the dashboard's http:// address is for `ray job submit`)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as s:
+            s.settimeout(timeout_s)
+            s.sendall(_H2_PREFACE)
+            reply = s.recv(9)
+    except socket.timeout:
+        reply = None
     except OSError as exc:
         raise ClusterError(f"RAY_ADDRESS='{address}': no Ray cluster answers there "
                            f"({exc.strerror or exc})") from None
+    if not reply or len(reply) < 4 or reply[3] != _SETTINGS:
+        what = "an HTTP server" if reply and reply.startswith(b"HTTP/") else \
+            "a server that does not answer as Ray"
+        raise ClusterError(f"RAY_ADDRESS='{address}': {what} listens there, not a Ray "
+                           "cluster (the GCS address is host:6379, Ray Client ray://host:10001)")
+
+
+def unwrap(exc: ray.exceptions.RayTaskError) -> Exception:
+    """A project error raised on a worker, as itself (its one-line message, its exit code)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, MctRayError) else exc
 
 
 def check_address() -> None:

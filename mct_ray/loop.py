@@ -1,0 +1,260 @@
+"""The distillation loop with an evaluation at each of `eval_iterations`, and its checkpoint.
+
+Evaluations go through `submit(syn, tag) -> EvalFuture`: the local backend scores a snapshot
+at once; the Ray one fans it out as tasks and the loop collects results as they finish, so
+it never waits for them (except at the end). Everything here runs wherever the backend puts
+the loop: this process, a Ray actor, or a grid trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from tqdm import tqdm
+
+from mct_ray import formats
+from mct_ray import storage as layout
+from mct_ray.distill import Distiller, SyntheticSet
+from mct_ray.evaluate import EvalResult
+from mct_ray.storage import Storage
+from mct_ray.tensorboard import TensorBoardLog
+
+log = logging.getLogger(__name__)
+
+
+class EvalFuture(Protocol):
+    def done(self) -> bool: ...
+
+    def result(self) -> EvalResult: ...  # waits
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An evaluation already scored (the local backend's future)."""
+
+    value: EvalResult
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> EvalResult:
+        return self.value
+
+
+Submit = Callable[[SyntheticSet, str], EvalFuture]
+
+
+@dataclass(frozen=True)
+class PendingEval:
+    """A snapshot submitted for evaluation, with what its metrics row needs."""
+
+    syn: SyntheticSet
+    loss: float
+    seconds: float
+
+    @property
+    def iteration(self) -> int:
+        return self.syn.iteration
+
+    def to_state(self) -> dict:
+        return {"iteration": self.iteration, "images": self.syn.images,
+                "labels": self.syn.labels, "step_size": self.syn.step_size, "loss": self.loss,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "PendingEval":
+        syn = SyntheticSet(d["images"], d["labels"], d["step_size"], {"iteration": d["iteration"]})
+        return cls(syn, d["loss"], d["seconds"])
+
+
+@dataclass
+class DistillOutcome:
+    rows: list[dict] = field(default_factory=list)  # one per finished evaluation
+    best_acc: float = -1.0
+    best_iteration: int = -1
+    resumed_from: int | None = None
+    parts: list[dict] = field(default_factory=list)  # earlier commands' share of this run
+
+
+class Evaluations:
+    """The evaluations in flight, by iteration; results handed back in iteration order."""
+
+    def __init__(self, submit: Submit):
+        self.submit_fn, self.inflight = submit, {}
+
+    def submit(self, p: PendingEval) -> None:
+        self.inflight[p.iteration] = (p, self.submit_fn(p.syn, "syn"))
+
+    def poll(self, wait: bool = False) -> list[tuple[PendingEval, EvalResult]]:
+        done = []
+        for it in sorted(self.inflight):
+            p, future = self.inflight[it]
+            if wait or future.done():
+                done.append((p, future.result()))
+                del self.inflight[it]
+        return done
+
+    @property
+    def pending(self) -> list[PendingEval]:
+        return [p for p, _ in self.inflight.values()]
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (files, pipes, Ray workers) a plain log line at
+    most every `every_s` seconds."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True,
+                 every_s: float = 30.0):
+        self.desc, self.total, self.done, self.every_s = desc, total, initial, every_s
+        self.bar = tqdm(total=total, initial=initial, desc=desc) \
+            if enabled and sys.stderr.isatty() else None
+        self.last = time.monotonic()
+        self.enabled = enabled
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            log.info("%s: %d/%d", self.desc, self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def eval_iterations(every: int, iterations: int) -> list[int]:
+    """Evaluate at 0, every, 2*every, ... and always at the last iteration."""
+    its = list(range(0, iterations + 1, every))
+    return its if its[-1] == iterations else its + [iterations]
+
+
+def save_synthetic(store: Storage, name: str, ctx, syn: SyntheticSet) -> None:
+    info = {**syn.info, "data": ctx.data.name, "mean": ctx.data.mean, "std": ctx.data.std,
+            "zca": ctx.cfg.data.zca, "method": ctx.cfg.distill.method}
+    store.write_bytes(name, formats.save_synthetic(SyntheticSet(
+        syn.images, syn.labels, syn.step_size, info), ctx.spec))
+
+
+def record_eval(store: Storage, ctx, outcome: DistillOutcome, p: PendingEval,
+                result: EvalResult, tb: TensorBoardLog | None = None) -> None:
+    """Append a metrics row and keep synthetic.safetensors at the best evaluation so far.
+
+    Results may arrive out of order (Ray); the best is the highest mean, ties going to the
+    earlier iteration, so the outcome does not depend on arrival order."""
+    outcome.rows.append({"iteration": p.iteration, "acc_mean": result.mean,
+                         "acc_std": result.std, "loss": p.loss, "step_size": p.syn.step_size,
+                         "seconds": p.seconds})
+    outcome.rows.sort(key=lambda r: r["iteration"])
+    if (result.mean, -p.iteration) > (outcome.best_acc, -outcome.best_iteration):
+        outcome.best_acc, outcome.best_iteration = result.mean, p.iteration
+        save_synthetic(store, layout.SYNTHETIC, ctx, p.syn)
+    store.write_table(layout.METRICS, outcome.rows)
+    log.info("evaluated iteration %d: %.2f %% +- %.2f (best %.2f %% at iteration %d)",
+             p.iteration, 100 * result.mean, 100 * result.std, 100 * outcome.best_acc,
+             outcome.best_iteration)
+    if tb is not None:
+        tb.scalars({"eval/acc_mean": result.mean, "eval/acc_std": result.std}, p.iteration)
+        tb.image_grid("synthetic", p.syn.images, p.iteration, nrow=ctx.cfg.distill.ipc)
+        tb.flush()
+
+
+def save_checkpoint(store: Storage, ctx, distiller: Distiller, outcome: DistillOutcome,
+                    pending: list[PendingEval], run_id: str, started: float) -> None:
+    save_synthetic(store, layout.LAST, ctx, distiller.snapshot())
+    state = {"distiller": distiller.state_dict(), "rows": outcome.rows,
+             "best_acc": outcome.best_acc, "best_iteration": outcome.best_iteration,
+             "pending": [p.to_state() for p in pending], "run_id": run_id,
+             "parts": parts_with(outcome, run_id, distiller.iteration, started)}
+    store.write_bytes(layout.STATE, formats.save_state(state))
+
+
+def parts_with(outcome: DistillOutcome, run_id: str, iteration: int, started: float
+               ) -> list[dict]:
+    """The run's parts, one per command that worked on it (a restarted actor continues its
+    command's part): iterations from and to, and the command's seconds so far."""
+    earlier = [p for p in outcome.parts if p["run_id"] != run_id]
+    own = next((p for p in outcome.parts if p["run_id"] == run_id), None)
+    start = own["from_iteration"] if own else (outcome.resumed_from or 0)
+    return [*earlier, {"run_id": run_id, "from_iteration": start, "to_iteration": iteration,
+                       "seconds": round(time.time() - started, 3)}]
+
+
+def checkpoint_run_id(store: Storage) -> str | None:
+    """The run id stored with the checkpoint (None without one): a restarted worker finds
+    its own run's checkpoint by it."""
+    if not store.exists(layout.STATE):
+        return None
+    state = formats.load_state(store.read_bytes(layout.STATE), store.uri_of(layout.STATE))
+    return state.get("run_id", "")
+
+
+def load_checkpoint(store: Storage, distiller: Distiller
+                    ) -> tuple[DistillOutcome, list[PendingEval]]:
+    state = formats.load_state(store.read_bytes(layout.STATE), store.uri_of(layout.STATE))
+    distiller.load_state_dict(state["distiller"])
+    pending = [PendingEval.from_state(p) for p in state.get("pending", [])]
+    outcome = DistillOutcome(state["rows"], state["best_acc"], state["best_iteration"],
+                             distiller.iteration, list(state.get("parts", [])))
+    return outcome, pending
+
+
+def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
+                     resume: bool, run_id: str, started: float) -> DistillOutcome:
+    """Distil to distill.iterations, evaluating at `eval_iterations`; with `resume`, from
+    the folder's checkpoint when there is one. `started`: time.time() at the command's start.
+    """
+    cfg = ctx.cfg
+    evals = Evaluations(submit)
+    outcome = DistillOutcome()
+    if resume and store.exists(layout.STATE):
+        outcome, pending = load_checkpoint(store, distiller)
+        log.info("resumed at iteration %d", distiller.iteration)
+        for p in pending:  # scored by a process that is gone: submit again
+            evals.submit(p)
+    elif resume:
+        log.info("nothing to resume in %s (no %s): starting at iteration 0", store.uri,
+                 layout.STATE)
+    todo = set(eval_iterations(cfg.eval.every, cfg.distill.iterations))
+    loop_started, losses = time.perf_counter(), []
+    bar = Progress("distill", cfg.distill.iterations, distiller.iteration, cfg.run.progress)
+    tb = TensorBoardLog(store) if cfg.run.tensorboard else None
+    try:
+        while True:
+            it = distiller.iteration
+            submitted = it in todo and not any(r["iteration"] == it for r in outcome.rows) \
+                and not any(p.iteration == it for p in evals.pending)
+            if submitted:
+                loss = statistics.fmean(losses) if losses else float("nan")
+                evals.submit(PendingEval(distiller.snapshot(), loss,
+                                         time.perf_counter() - loop_started))
+                losses.clear()
+            for p, result in evals.poll():
+                record_eval(store, ctx, outcome, p, result, tb)
+            if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0):
+                save_checkpoint(store, ctx, distiller, outcome, evals.pending, run_id, started)
+            if it >= cfg.distill.iterations:
+                break
+            # A DivergenceError propagates: synthetic.safetensors (best evaluated) and the
+            # last checkpoint stay on disk as they were.
+            step = distiller.step()
+            if not step.skipped:
+                losses.append(step.loss)
+                if tb is not None:
+                    tb.scalars({"distill/loss": step.loss, "distill/step_size": step.step_size},
+                               step.iteration)
+            bar.update(1)
+        for p, result in evals.poll(wait=True):
+            record_eval(store, ctx, outcome, p, result, tb)
+        save_checkpoint(store, ctx, distiller, outcome, [], run_id, started)
+    finally:  # a DivergenceError still leaves the event files complete
+        bar.close()
+        if tb is not None:
+            tb.close()
+    return outcome

@@ -1,0 +1,46 @@
+"""Everything about a command's input that can be known before its work starts.
+
+The config checked itself when it was built (keys, ranges, cross-key rules); the CLI has
+proved the output writable and, for Ray, the cluster reachable, and loading the data set
+proved it present. What is left needs the data or the stored experts: the synthetic set's
+ipc against the smallest class, and the experts a distillation will read (present, of the
+kind its method needs, of this network, long enough for the segments it samples).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mct_ray import storage as layout
+from mct_ray.config import check_expert_epochs
+from mct_ray.errors import ConfigError, DataError
+from mct_ray.pipeline import Context, load_expert, missing_experts_message
+from mct_ray.storage import Storage
+
+
+def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
+    cfg = ctx.cfg
+    if "distill" in phases:
+        counts = torch.bincount(ctx.data.train_y, minlength=ctx.data.num_classes)
+        smallest = int(counts.argmin())
+        if cfg.distill.ipc > counts[smallest]:
+            raise ConfigError(
+                f"config key 'distill.ipc' is {cfg.distill.ipc}, but class {smallest} "
+                f"('{ctx.data.class_names[smallest]}') of {ctx.data.name} has only "
+                f"{int(counts[smallest])} training images")
+    if "experts" in phases:  # experts already stored must be of this network and length
+        stored = layout.expert_ids(experts, full=False)
+        if stored:
+            traj = load_expert(experts, stored[0], ctx.spec, full=False)
+            if traj.num_epochs != cfg.expert.epochs:
+                raise ConfigError(
+                    f"{experts.uri_of(layout.expert_name(stored[0]))} has {traj.num_epochs} "
+                    f"epochs but expert.epochs is {cfg.expert.epochs}: experts of another "
+                    "length cannot be mixed in one folder")
+    if "distill" in phases and "experts" not in phases:
+        ids = layout.expert_ids(experts, cfg.needs_full)
+        if not ids:
+            raise DataError(missing_experts_message(experts, cfg.needs_full))
+        traj = load_expert(experts, ids[0], ctx.spec, cfg.needs_full)
+        check_expert_epochs(cfg.distill, traj.num_epochs,
+                            experts.uri_of(layout.expert_name(ids[0], cfg.needs_full)))
