@@ -1,9 +1,8 @@
 """The accuracy effect of `distill.autocast=bf16`: the digits main job distilled with the
 student's forward in float32 and under bf16 autocast, from the same experts, per seed.
 
-The option is meant for GPUs (`Student.autocast_devices`); this script switches it on for
-the CPU too, where PyTorch's autocast runs the convolutions and matmuls in bfloat16 with
-float32 accumulation, as on a GPU's tensor cores. The figure is the effect of bf16 rounding
+The option is meant for GPUs; on this CPU PyTorch's autocast runs the convolutions and
+matmuls in bfloat16 with float32 accumulation, as on a GPU's tensor cores. The figure is the effect of bf16 rounding
 in the unroll on the distilled set's accuracy (evaluation is float32 either way); it is not
 a GPU measurement, and its seconds are this CPU's. Last line:
 bf16_best_acc_delta_points=<mean over seeds of (bf16 best - float32 best), in points>.
@@ -21,7 +20,6 @@ import tempfile
 
 from bench.common import RESULTS, print_table, save_table
 from mct_ray.cli import main as cli
-from mct_ray.distill import Student
 
 
 def main() -> None:
@@ -29,7 +27,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args()
-    Student.autocast_devices = ("cuda", "cpu")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         experts = f"{tmp}/experts"

@@ -34,11 +34,14 @@ MTT_M = 2
 def cell(args: tuple) -> list[dict]:
     """One (ipc, seed): train experts once, then distill with both methods."""
     ipc, seed, iterations, every, workdir = args
+    import time
+
     import torch
 
     from mct_ray.config import load_config
-    from mct_ray.pipeline import (Context, generate_experts, iterations_to_within,
-                                  load_experts, run_distillation, second_half_spread)
+    from mct_ray.loop import run_distillation
+    from mct_ray.pipeline import (Context, LocalBackend, iterations_to_within, load_experts,
+                                  make_distiller, second_half_spread, train_missing_experts)
     from mct_ray.storage import Storage
 
     torch.set_num_threads(1)
@@ -47,7 +50,7 @@ def cell(args: tuple) -> list[dict]:
             "run.num_threads=1"]
     experts = Storage.open(f"{workdir}/experts-{ipc}-{seed}")
     ctx = Context.build(load_config("digits", base))
-    generate_experts(ctx, experts)
+    train_missing_experts(ctx, experts, LocalBackend(ctx))
     rows = []
     for method in ("mct", "mtt"):
         over = base + [f"distill.method={method}"] + (
@@ -55,7 +58,8 @@ def cell(args: tuple) -> list[dict]:
         mctx = Context.build(load_config("digits", over))
         store = Storage.open(f"{workdir}/{method}-{ipc}-{seed}")
         trajs = load_experts(experts, mctx.spec, full=method == "mtt")
-        outcome = run_distillation(mctx, store, trajs)
+        outcome = run_distillation(mctx, store, make_distiller(mctx, trajs),
+                                   LocalBackend(mctx).submit_eval, False, "", time.time())
         curve = outcome.rows
         rows.append({"method": method, "ipc": ipc, "seed": seed,
                      "best_acc": max(r["acc_mean"] for r in curve),

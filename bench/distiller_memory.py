@@ -16,42 +16,81 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 import numpy as np
 import ray
 
 from bench.common import print_table, save_table
-from bench.ray_common import bar_png, digits, median, start_ray
+from bench.ray_common import bar_png, digits, median, start_ray, train_experts
+from mct_ray.loop import run_distillation
+from mct_ray.pipeline import Context, make_distiller
 from mct_ray.runtime import workers
-from mct_ray.runtime.driver import generate_experts
-from mct_ray.storage import Storage
+from mct_ray.runtime.codec import data_from_numpy, trajectory_from_numpy
 
 
 def measure(cfg, data_ref, refs: list, out: str, copy: bool) -> dict:
     if copy:  # what the actor would hold if the values were passed instead of refs
         refs = [ray.put({k: (np.array(v) if isinstance(v, np.ndarray) else v)
                          for k, v in ray.get(r).items()}) for r in refs]
-    actor = ray.remote(CopyingDistiller if copy else workers.DistillWorker).options(
-        num_cpus=1).remote(cfg.to_dict(), {"data": data_ref, "experts": refs}, out, "mem")
-    ray.get(actor.run.remote(False))
+    actor = ray.remote(CopyingDistiller if copy else MeasuredDistiller).options(
+        num_cpus=1).remote(cfg, out, "mem")
+    ray.get(actor.run.remote({"data": data_ref, "experts": refs}, False, time.time()))
     memory = ray.get(actor.memory.remote())
     ray.kill(actor)
     return memory
 
 
-class CopyingDistiller(workers.DistillWorker):
+class MeasuredDistiller(workers.DistillWorker):
+    """The library's distillation actor, run as `DistillWorker.run` does, except that it
+    keeps what it built (the data set and the trajectories, as views of the object store)
+    after the run, so that `memory` counts them (as the old actor, which built them in its
+constructor, did); plus `memory` itself."""
+
+    def run(self, refs: dict, resume: bool, started: float) -> dict:
+        self.ctx = Context.from_data(self.cfg, data_from_numpy(ray.get(refs["data"])),
+                                     self.cfg.ray.distill_num_cpus)
+        self.trajectories = self.load_trajectories(ray.get(refs["experts"]))
+        outcome = run_distillation(self.ctx, self.store,
+                                   make_distiller(self.ctx, self.trajectories),
+                                   workers.RayEvals(self.cfg, refs["data"]).submit,
+                                   resume, self.run_id, started)
+        return vars(outcome)
+
+    def load_trajectories(self, values: list[dict]) -> list:
+        return [trajectory_from_numpy(d, self.ctx.spec, self.cfg.needs_full) for d in values]
+
+    def memory(self) -> dict:
+        """This process's resident and unique (not shared with the object store) bytes,
+        after returning freed heap to the system (so they count what is held, not what the
+        allocator happens to keep)."""
+        import ctypes
+        import gc
+
+        import psutil
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc
+            pass
+        info = psutil.Process().memory_full_info()
+        return {"rss": info.rss, "uss": info.uss}
+
+
+class CopyingDistiller(MeasuredDistiller):
     """The same actor, with each trajectory copied out of the object store first."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def load_trajectories(self, values: list[dict]) -> list:
         import copy
 
         import torch
 
-        self.trajectories = [copy.copy(t) for t in self.trajectories]
-        for t in self.trajectories:
+        trajectories = [copy.copy(t) for t in super().load_trajectories(values)]
+        for t in trajectories:
             for name in ("anchors", "beta"):
                 object.__setattr__(t, name, torch.clone(getattr(t, name)))
+        return trajectories
 
 
 def main() -> None:
@@ -60,13 +99,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     start_ray(num_cpus=2)
-    cfg, ctx, data_ref = digits(["expert.num_experts=32", "eval.baseline=false",
-                                 f"distill.iterations={args.iterations}",
-                                 f"eval.every={args.iterations}", "eval.num_eval=1",
-                                 "eval.epochs=10"])
+    cfg, ctx, backend = digits(["expert.num_experts=32", "eval.baseline=false",
+                                f"distill.iterations={args.iterations}",
+                                f"eval.every={args.iterations}", "eval.num_eval=1",
+                                "eval.epochs=10"])
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        refs, _ = generate_experts(cfg, Storage.open(out), data_ref, ctx, False)
+        refs = train_experts(ctx, backend, out)
+        data_ref = backend.data_ref
         bytes_per_expert = sum(v.nbytes for v in ray.get(refs[0]).values()
                                if isinstance(v, np.ndarray))
         measure(cfg, data_ref, refs[:8], out, False)  # warm-up: the first actor runs larger

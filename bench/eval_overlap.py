@@ -14,38 +14,60 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 import ray
 
 from bench.common import print_table, save_table
-from bench.ray_common import bar_png, digits, median, start_ray
-from mct_ray.pipeline import run_distillation
+from bench.ray_common import bar_png, digits, median, start_ray, train_experts
+from mct_ray.distill import Distiller, SyntheticSet
+from mct_ray.evaluate import EvalResult
+from mct_ray.loop import Finished, run_distillation
+from mct_ray.pipeline import Context, make_distiller
 from mct_ray.runtime import workers
-from mct_ray.runtime.driver import generate_experts
+from mct_ray.runtime.codec import data_from_numpy, trajectory_from_numpy
 
 
-class DropEvaluator:
-    """Evaluation switched off: snapshots are dropped, nothing is scored."""
+def drop(syn: SyntheticSet, tag: str) -> Finished:
+    """Evaluation switched off: the snapshot is dropped, nothing is scored (the placeholder
+    result's rows are not counted)."""
+    return Finished(EvalResult((0.0,)))
 
-    pending: list = []
 
-    def submit(self, p) -> None:
-        pass
+def time_steps(distiller: Distiller) -> list[float]:
+    """Record time.perf_counter() after each of the distiller's steps, in the list returned."""
+    times, step = [], distiller.step
 
-    def poll(self) -> list:
-        return []
+    def timed_step():
+        result = step()
+        times.append(time.perf_counter())
+        return result
 
-    drain = poll
+    distiller.step = timed_step
+    return times
 
 
 class BenchDistiller(workers.DistillWorker):
+    """The distillation actor, built once from the refs (as `DistillWorker.run` builds it),
+    running the library's loop with the evaluation fan-out on or off."""
+
+    def __init__(self, cfg, refs: dict, out_uri: str, run_id: str):
+        super().__init__(cfg, out_uri, run_id)
+        self.data_ref = refs["data"]
+        self.ctx = Context.from_data(cfg, data_from_numpy(ray.get(self.data_ref)),
+                                     cfg.ray.distill_num_cpus)
+        self.trajectories = [trajectory_from_numpy(d, self.ctx.spec, cfg.needs_full)
+                             for d in ray.get(refs["experts"])]
+        self.evals = workers.RayEvals(cfg, self.data_ref)
+
     def run_mode(self, evaluate: bool) -> dict:
-        evaluator = workers.RayEvaluator(self.cfg_dict, self.data_ref) if evaluate \
-            else DropEvaluator()
-        outcome = run_distillation(self.ctx, self.store, self.trajectories,
-                                   evaluator=evaluator, progress_cls=workers.RayProgress)
-        t = outcome.step_times
-        return {"rate": (len(t) - 1) / (t[-1] - t[0]), "evaluations": len(outcome.rows)}
+        submit = self.evals.submit if evaluate else drop
+        distiller = make_distiller(self.ctx, self.trajectories)
+        t = time_steps(distiller)
+        outcome = run_distillation(self.ctx, self.store, distiller, submit, False,
+                                   self.run_id, time.time())
+        return {"rate": (len(t) - 1) / (t[-1] - t[0]),
+                "evaluations": len(outcome.rows) if evaluate else 0}
 
 
 def main() -> None:
@@ -55,15 +77,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     start_ray(num_cpus=2)
-    cfg, ctx, data_ref = digits([f"distill.iterations={args.iterations}",
-                                 f"eval.every={args.every}", "eval.num_eval=1",
-                                 "expert.num_experts=4", "run.num_threads=1"])
+    cfg, ctx, backend = digits([f"distill.iterations={args.iterations}",
+                                f"eval.every={args.every}", "eval.num_eval=1",
+                                "expert.num_experts=4", "run.num_threads=1"])
     with tempfile.TemporaryDirectory() as out:
-        from mct_ray.storage import Storage
-
-        refs, _ = generate_experts(cfg, Storage.open(out), data_ref, ctx, False)
+        refs = train_experts(ctx, backend, out)
         actor = ray.remote(BenchDistiller).options(num_cpus=1).remote(
-            cfg.to_dict(), {"data": data_ref, "experts": refs}, out, "bench")
+            cfg, {"data": backend.data_ref, "experts": refs}, out, "bench")
         ray.get(actor.run_mode.remote(True))  # warm-up: the eval worker process starts
         rows = []
         for round_ in range(1, args.rounds + 1):

@@ -18,9 +18,7 @@ import ray
 import torch
 
 from bench.common import print_table, save_table
-from bench.ray_common import bar_png, digits, median, start_ray
-from mct_ray.runtime.driver import generate_experts
-from mct_ray.storage import Storage
+from bench.ray_common import bar_png, digits, median, start_ray, train_experts
 
 
 def main() -> None:
@@ -35,10 +33,10 @@ def main() -> None:
     reference, rows = None, []
     for round_ in range(args.rounds + 1):  # round 0 warms both worker processes up
         for workers in (1, 2):
-            cfg, ctx, data_ref = digits([*base, f"ray.max_expert_workers={workers}"])
+            cfg, ctx, backend = digits([*base, f"ray.max_expert_workers={workers}"])
             with tempfile.TemporaryDirectory() as out:
                 started = time.perf_counter()
-                refs, _ = generate_experts(cfg, Storage.open(out), data_ref, ctx, False)
+                refs = train_experts(ctx, backend, out)
                 seconds = time.perf_counter() - started
             anchors = [torch.from_numpy(v["anchors"].copy()) for v in ray.get(refs)]
             reference = reference or anchors

@@ -33,7 +33,7 @@ from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray.augment import Augmenter  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
 from mct_ray.data import ImageData, load_data  # noqa: E402
-from mct_ray.distill import Distiller, init_synthetic  # noqa: E402
+from mct_ray.distill import Distiller, SyntheticSet, init_synthetic  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.experts import train_expert  # noqa: E402
 from mct_ray.nets import make_spec  # noqa: E402
@@ -99,8 +99,8 @@ def subset(data: ImageData, proto: dict) -> ImageData:
 
 def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, init_acc,
                   device) -> list[dict]:
-    full = cfg.distill.method == "mtt"
-    trajectories = [e.full if full else e.convex for e in experts]
+    cfg = cfg.replace(seed=seed)  # the distillation's draws and the evaluation networks
+    trajectories = [e.full if cfg.needs_full else e.convex for e in experts]
     distiller = Distiller(spec, trajectories, images, labels, cfg.distill, aug, seed, device)
     rows = [{"iteration": 0, "acc_mean": init_acc, "seconds": 0.0}]
     started = time.perf_counter()
@@ -108,9 +108,9 @@ def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, in
         distiller.step()
         if it % every == 0:
             seconds = time.perf_counter() - started
-            syn, lab, lr = distiller.snapshot()
-            res = evaluate(spec, syn, lab, lr, data, cfg.eval, cfg.augment, seed, it,
-                           device=device)
+            syn = distiller.snapshot()  # its iteration is `it`: seeds the evaluation
+            res = evaluate(cfg, spec, data, syn, device=device)
+            lr = syn.step_size
             rows.append({"iteration": it, "acc_mean": res.mean, "seconds": seconds,
                          "step_size": lr})
             print(f"  it {it}: {100 * res.mean:.2f} %  step {lr:.4g}", flush=True)
@@ -143,8 +143,8 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
         for seed in plan["seeds"]:
             images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
                                             generator(seed, "synthetic-init"))
-            init = evaluate(spec, images, labels, ipc_cfg.distill.lr_teacher, data,
-                            ipc_cfg.eval, ipc_cfg.augment, seed, 0, device=device).mean
+            start = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
+            init = evaluate(ipc_cfg.replace(seed=seed), spec, data, start, device=device).mean
             print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
             for label, method, mode in variants:
                 cfg = load_config(recipe, [*base, f"distill.method={method}",

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bench.common import print_table, save_table  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
 from mct_ray.data import load_data  # noqa: E402
-from mct_ray.distill import init_synthetic  # noqa: E402
+from mct_ray.distill import SyntheticSet, init_synthetic  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.nets import make_spec  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
@@ -55,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     pipelines = {"old": old_pipeline(faithful), "faithful": faithful}
     rows = []
     for draw in range(args.draws):
+        draw_cfg = cfg.replace(seed=draw)  # the evaluation networks' seed
         for name, data in pipelines.items():
             spec = make_spec(cfg.net, data.shape, data.num_classes)
             images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, 1,
                                             generator(draw, "synthetic-init"))
-            acc = evaluate(spec, images, labels, cfg.distill.lr_teacher, data, cfg.eval,
-                           cfg.augment, draw, 0).mean
+            syn = SyntheticSet(images, labels, cfg.distill.lr_teacher, {"iteration": 0})
+            acc = evaluate(draw_cfg, spec, data, syn).mean
             rows.append({"draw": draw, "pipeline": name, "channels": data.shape[0],
                          "features": dict(spec.param_shapes())["classifier.weight"][1],
                          "acc": 100 * acc})

@@ -1,5 +1,5 @@
 """Shared set-up of the Ray benchmarks: a local Ray on loopback, the digits data set in the
-object store, and a plot helper."""
+object store (through the library's `RayBackend`), and a plot helper."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import ray  # noqa: E402
 
 from bench.common import RESULTS  # noqa: E402
 from mct_ray.config import Config, load_config  # noqa: E402
-from mct_ray.pipeline import Context  # noqa: E402
-from mct_ray.runtime.codec import data_to_numpy  # noqa: E402
+from mct_ray.pipeline import Context, train_missing_experts  # noqa: E402
+from mct_ray.runtime.backend import RayBackend  # noqa: E402
+from mct_ray.storage import Storage  # noqa: E402
 
 
 def start_ray(num_cpus: int = 2) -> None:
@@ -23,10 +24,19 @@ def start_ray(num_cpus: int = 2) -> None:
              log_to_driver=False)
 
 
-def digits(overrides: list[str]) -> tuple[Config, Context, ray.ObjectRef]:
+def digits(overrides: list[str]) -> tuple[Config, Context, RayBackend]:
+    """The digits recipe with `overrides`, and a Ray backend holding its data set in the
+    object store (`backend.data_ref`)."""
     cfg = load_config("digits", ["run.progress=false", *overrides])
     ctx = Context.build(cfg)
-    return cfg, ctx, ray.put(data_to_numpy(ctx.data))
+    return cfg, ctx, RayBackend(ctx)
+
+
+def train_experts(ctx: Context, backend: RayBackend, out: str) -> list[ray.ObjectRef]:
+    """Train the config's experts as Ray tasks, saving each into `out` as it finishes (the
+    library's `train_missing_experts`); their trajectories' refs, in id order."""
+    train_missing_experts(ctx, Storage.open(out), backend)
+    return [backend.trained[i] for i in sorted(backend.trained)]
 
 
 def median(values: list[float]) -> float:

@@ -48,9 +48,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray.augment import Augmenter  # noqa: E402
-from mct_ray.config import AugmentConfig, NetConfig  # noqa: E402
-from mct_ray.distill import (Segment, Student, grad_checkpoint, grad_tesla,  # noqa: E402
-                             grad_unroll, plan_unroll)
+from mct_ray.config import AugmentConfig, DistillConfig, NetConfig  # noqa: E402
+from mct_ray.distill import GRAD_MODES, Segment, Student, plan_unroll  # noqa: E402
 from mct_ray.nets import make_spec  # noqa: E402
 from mct_ray.trajectory import flatten, unflatten  # noqa: E402
 
@@ -58,6 +57,9 @@ SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "tinyimagenet": (3, 
           "digits28": (1, 28, 10)}  # digits28: MNIST-sized, for comparison with MTT's code
 MODES = ("reference", "unroll", "checkpoint", "checkpoint-sqrt", "tesla")
 EXACT = ("unroll", "checkpoint", "checkpoint-sqrt")
+# each mode but the reference (the bench's own): its distill.grad_mode in the library
+GRAD_MODE_OF = {"unroll": "unroll", "checkpoint": "checkpoint", "checkpoint-sqrt": "checkpoint",
+                "tesla": "tesla"}
 
 
 @dataclasses.dataclass
@@ -124,13 +126,10 @@ def one_iteration(mode: str, p: Problem, autocast: str = "none"
         reference_iteration(p, x, lr)
         return x.grad, lr.grad
     student = Student(p.spec, p.labels, p.aug, autocast)
-    if mode == "unroll":
-        grad_unroll(student, x, lr, p.seg, p.plans)
-    elif mode.startswith("checkpoint"):
-        segments = round(len(p.plans) ** 0.5) if mode == "checkpoint-sqrt" else 0
-        grad_checkpoint(student, x, lr, p.seg, p.plans, segments)
-    else:
-        grad_tesla(student, x, lr, p.seg, p.plans)
+    # checkpoint: the library's default (one step per segment); checkpoint-sqrt: round(sqrt N)
+    segments = round(len(p.plans) ** 0.5) if mode == "checkpoint-sqrt" else 0
+    GRAD_MODES[GRAD_MODE_OF[mode]](student, x, lr, p.seg, p.plans,
+                                   DistillConfig(checkpoint_segments=segments))
     return x.grad, lr.grad
 
 
@@ -291,7 +290,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
-                        help="our modes only (the reference stays float32); CUDA only")
+                        help="our modes only (the reference stays float32); meant for "
+                             "GPUs, on a CPU it emulates bf16's numerics (slowly)")
     parser.add_argument("--modes", nargs="+", choices=MODES[1:], default=list(MODES[1:]))
     parser.add_argument("--warmup-steps", type=int, default=10**9,
                         help="N of the warm-up round (default: a full round, which also "

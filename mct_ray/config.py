@@ -107,7 +107,8 @@ class DistillConfig:
     grad_mode: str = _f("unroll", choices=("unroll", "checkpoint", "tesla"))
     checkpoint_segments: int = _f(0, lo=0, hi=10_000, doc="0: one per step (least memory)")
     autocast: str = _f("none", choices=("none", "bf16"),
-                       doc="bf16: the student's forward under torch.autocast (CUDA only)")
+                       doc="bf16: the student's forward under torch.autocast (for GPUs; "
+                       "on a CPU it emulates the numerics, slowly)")
     max_bad_steps: int = _f(10, lo=1, hi=1_000_000,
                             doc="non-finite losses in a row before the run stops")
 

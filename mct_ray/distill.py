@@ -146,8 +146,6 @@ def num_chunks(spec: NetSpec, x: torch.Tensor) -> int:
 class Student:
     """The student's SGD step as a function of (parameters, images, step size)."""
 
-    autocast_devices = ("cuda",)  # where distill.autocast applies; tests add "cpu"
-
     def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter,
                  autocast: str = "none"):
         self.spec, self.labels, self.aug, self.autocast = spec, labels, aug, autocast
@@ -158,7 +156,7 @@ class Student:
         x = self.aug.apply(images[plan.indices], plan.aug)  # (B, C, H, W)
         y = self.labels[plan.indices]
         pieces = num_chunks(self.spec, x)
-        use_bf16 = self.autocast == "bf16" and x.device.type in self.autocast_devices
+        use_bf16 = self.autocast == "bf16"  # on a CPU: slower, but the same numerics
         total = 0.0
         for xc, yc in zip(x.tensor_split(pieces), y.tensor_split(pieces)):
             with torch.autocast(x.device.type, torch.bfloat16, enabled=use_bf16):

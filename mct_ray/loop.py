@@ -79,6 +79,7 @@ class DistillOutcome:
     best_iteration: int = -1
     resumed_from: int | None = None
     parts: list[dict] = field(default_factory=list)  # earlier commands' share of this run
+    losses: list[float] = field(default_factory=list)  # matching losses since the last eval
 
 
 class Evaluations:
@@ -171,6 +172,7 @@ def save_checkpoint(store: Storage, ctx, distiller: Distiller, outcome: DistillO
     state = {"distiller": distiller.state_dict(), "rows": outcome.rows,
              "best_acc": outcome.best_acc, "best_iteration": outcome.best_iteration,
              "pending": [p.to_state() for p in pending], "run_id": run_id,
+             "losses": outcome.losses,
              "parts": parts_with(outcome, run_id, distiller.iteration, started)}
     store.write_bytes(layout.STATE, formats.save_state(state))
 
@@ -201,7 +203,8 @@ def load_checkpoint(store: Storage, distiller: Distiller
     distiller.load_state_dict(state["distiller"])
     pending = [PendingEval.from_state(p) for p in state.get("pending", [])]
     outcome = DistillOutcome(state["rows"], state["best_acc"], state["best_iteration"],
-                             distiller.iteration, list(state.get("parts", [])))
+                             distiller.iteration, list(state.get("parts", [])),
+                             list(state.get("losses", [])))
     return outcome, pending
 
 
@@ -222,7 +225,7 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
         log.info("nothing to resume in %s (no %s): starting at iteration 0", store.uri,
                  layout.STATE)
     todo = set(eval_iterations(cfg.eval.every, cfg.distill.iterations))
-    loop_started, losses = time.perf_counter(), []
+    loop_started, losses = time.perf_counter(), outcome.losses
     bar = Progress("distill", cfg.distill.iterations, distiller.iteration, cfg.run.progress)
     tb = TensorBoardLog(store) if cfg.run.tensorboard else None
     try:

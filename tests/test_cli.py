@@ -52,12 +52,12 @@ def test_same_seed_gives_bitwise_identical_synthetic_set(tiny_run, tmp_path):
     assert main(["run", "--local", "--out", str(tmp_path), *TINY]) == 0
     load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")
     a, b = load(tiny_run), load(tmp_path)
-    assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    assert torch.equal(a.images, b.images) and a.step_size == b.step_size
     assert main(["distill", "--local", "--out", str(tmp_path / "other"), "--experts",
                  str(tmp_path),
                  *TINY, "seed=1"]) == 0
     c = load(tmp_path / "other")
-    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(a.images, c.images)
 
 
 def test_separate_phases_and_mtt(tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_resume_continues_to_the_same_result(tiny_run, tmp_path):
     assert main(["distill", "--local", "--out", out, "--experts", str(tiny_run), "--resume",
                  *TINY]) == 0
     load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")
-    assert torch.equal(load(tmp_path)[0], load(tiny_run)[0])
+    assert torch.equal(load(tmp_path).images, load(tiny_run).images)
 
 
 def one_line_error(code, err, expected_code=2):
@@ -136,9 +136,8 @@ def test_divergence_stops_with_clear_error_and_keeps_the_last_good_set(tiny_run,
                            "eval.every=20")
     line = one_line_error(code, err, expected_code=1)
     assert "distillation diverged: 2 non-finite matching losses in a row" in line
-    images, _, step, info = formats.load_synthetic((out / "synthetic.safetensors").read_bytes(),
-                                                   "s")
-    assert torch.isfinite(images).all() and info["iteration"] == 0
+    best = formats.load_synthetic((out / "synthetic.safetensors").read_bytes(), "s")
+    assert torch.isfinite(best.images).all() and best.iteration == 0
 
 
 def test_run_writes_tensorboard_events_matching_the_metrics(tiny_run):

@@ -63,7 +63,7 @@ def test_config_is_frozen_and_round_trips_through_json():
     ("distill.lr_img=nan", "config key 'distill.lr_img' must be finite"),
     ("augment.enabled=maybe", "config key 'augment.enabled' must be true or false"),
     ("distill=3", "config key 'distill' is a section"),
-    ("distill.max_start_epoch=40", "must be below expert.epochs"),
+    ("distill.max_start_epoch=40", "must be below the experts' epochs (30, expert.epochs)"),
     ("expert.anchors=[50]", "config key 'expert.anchors' must be increasing"),
     ("ipc", "must look like key=value"),
 ])

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig
-from mct_ray.distill import (Distiller, Segment, Student, grad_checkpoint, grad_tesla,
+from mct_ray.config import DistillConfig
+from mct_ray.distill import (GRAD_MODES, Distiller, Segment, Student, grad_checkpoint,
                              grad_unroll, match_loss, num_chunks, plan_unroll, sample_segment)
 from mct_ray.errors import DivergenceError
 from mct_ray.nets import ConvNet, NetSpec, conv3x3, instance_norm
@@ -92,16 +93,12 @@ def test_unroll_gradient_matches_finite_differences():
     assert float(lr.grad) == pytest.approx(fd_lr, rel=1e-5)
 
 
-def grads_of(mode, dtype=torch.float32, num_steps=6, **kw):
+def grads_of(mode, dtype=torch.float32, num_steps=6, num_segments=0):
     images, labels, seg, aug, plans = problem(dtype=dtype, num_steps=num_steps)
     student = Student(SPEC, labels, aug)
     x, lr = leaf(images), torch.tensor(0.1, dtype=dtype, requires_grad=True)
-    if mode == "unroll":
-        loss = grad_unroll(student, x, lr, seg, plans)
-    elif mode == "checkpoint":
-        loss = grad_checkpoint(student, x, lr, seg, plans, **kw)
-    else:
-        loss = grad_tesla(student, x, lr, seg, plans)
+    cfg = DistillConfig(checkpoint_segments=num_segments)
+    loss = GRAD_MODES[mode](student, x, lr, seg, plans, cfg)
     return float(loss), x.grad, lr.grad
 
 
@@ -266,10 +263,7 @@ def _unroll_and_checkpoint_grads() -> dict:
     for mode in ("unroll", "checkpoint"):
         x, lr = leaf(images), torch.tensor(0.01, requires_grad=True)
         student = Student(spec, labels, aug)
-        if mode == "unroll":
-            grad_unroll(student, x, lr, seg, plans)
-        else:
-            grad_checkpoint(student, x, lr, seg, plans, 0)
+        GRAD_MODES[mode](student, x, lr, seg, plans, DistillConfig())
         grads[mode] = (x.grad, lr.grad)
     return grads
 
@@ -340,10 +334,9 @@ def test_chunked_loss_equals_the_whole_batch(monkeypatch):
     torch.testing.assert_close(gx_chunked, gx_whole, rtol=1e-10, atol=1e-14)
 
 
-def test_bf16_autocast_runs_exactly_replayable_and_close_to_float32(monkeypatch):
-    """distill.autocast=bf16 only acts on CUDA; the same code path is exercised here through
-    CPU autocast: checkpoint still replays unroll exactly, and the gradient stays close."""
-    monkeypatch.setattr(Student, "autocast_devices", ("cuda", "cpu"))
+def test_bf16_autocast_runs_exactly_replayable_and_close_to_float32():
+    """distill.autocast=bf16 (meant for GPUs) through CPU autocast: checkpoint still replays
+    unroll exactly, and the gradient stays close to float32's."""
     student, params, images, plans = _cifar_student(10, "bf16")
     target = [p + 0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
               for p in params]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mct_ray import formats
+from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory
 
@@ -56,10 +57,10 @@ def test_init_seed_checksum_mismatch_is_reported(tiny_experts, monkeypatch):
 def test_synthetic_and_state_round_trip(tiny_experts):
     spec = tiny_experts[0].convex.spec
     images, labels = torch.randn(10, 1, 8, 8), torch.arange(10)
-    data = formats.save_synthetic(images, labels, 0.02, spec, {"iteration": 7})
-    im, lb, step, info = formats.load_synthetic(data, "s", spec)
-    assert torch.equal(im, images) and torch.equal(lb, labels)
-    assert step == 0.02 and info == {"iteration": 7}
+    data = formats.save_synthetic(SyntheticSet(images, labels, 0.02, {"iteration": 7}), spec)
+    back = formats.load_synthetic(data, "s", spec)
+    assert torch.equal(back.images, images) and torch.equal(back.labels, labels)
+    assert back.step_size == 0.02 and back.info == {"iteration": 7} and back.iteration == 7
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.5)
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     opt.step()
@@ -107,7 +108,8 @@ def test_mismatched_architecture_is_rejected(tiny_experts):
 
 def test_synthetic_file_is_not_a_trajectory(tiny_experts):
     spec = tiny_experts[0].convex.spec
-    data = formats.save_synthetic(torch.zeros(2, 1, 8, 8), torch.arange(2), 0.1, spec, {})
+    data = formats.save_synthetic(SyntheticSet(torch.zeros(2, 1, 8, 8), torch.arange(2), 0.1),
+                                  spec)
     with pytest.raises(FormatError, match="expected a mct-ray-trajectory file"):
         formats.load_trajectory(data, "x")
 

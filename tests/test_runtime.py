@@ -55,9 +55,10 @@ def test_ray_run_matches_local_run_and_spreads_experts(ray_cluster, local_run, t
                                                        capsys):
     summary = run_json(capsys, "run", "--out", str(tmp_path), *TINY, "expert.num_experts=4")
     a, b = synthetic(local_run), synthetic(tmp_path)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
-    assert torch.equal(synthetic(local_run, "synthetic.safetensors")[0],
-                       synthetic(tmp_path, "synthetic.safetensors")[0])
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.step_size == b.step_size
+    assert torch.equal(synthetic(local_run, "synthetic.safetensors").images,
+                       synthetic(tmp_path, "synthetic.safetensors").images)
     local_rows = formats_rows(local_run)
     assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(tmp_path)] == \
         [(r["iteration"], r["acc_mean"]) for r in local_rows]
@@ -158,40 +159,41 @@ def test_killed_distillation_actor_resumes_and_reproduces_the_result(ray_cluster
     assert main(["distill", "--local", "--out", str(tmp_path / "whole"), "--experts",
                  str(local_run), *longer]) == 0
     a, b = synthetic(tmp_path / "whole"), synthetic(out)
-    assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    assert torch.equal(a.images, b.images) and a.step_size == b.step_size
     assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
         [(r["iteration"], r["acc_mean"]) for r in formats_rows(tmp_path / "whole")]
 
 
 def test_evaluation_fan_out_never_pauses_the_loop(ray_cluster, local_run, tmp_path):
-    """The distiller holds one node (2 CPUs), evaluations run on the other one (the 'spare
-    worker' set-up: on this 2-core machine more would only time-share the cores)."""
-    from mct_ray.pipeline import Context, load_experts
-    from mct_ray.runtime import workers
-    from mct_ray.runtime.codec import data_to_numpy, trajectory_to_numpy
+    """The loop runs here (the way an actor or a grid trial runs it) and submits its
+    evaluations through the Ray backend's fan-out, two CPUs each (one per node): no step
+    waits for them. On this 2-core machine they time-share the cores with the loop."""
+    from mct_ray.distill import SyntheticSet
+    from mct_ray.loop import run_distillation
+    from mct_ray.pipeline import Context, load_experts, make_distiller
+    from mct_ray.runtime.codec import data_to_numpy
+    from mct_ray.runtime.workers import RayEvals
     from mct_ray.storage import Storage
 
     cfg = load_config("digits", [*TINY, "expert.num_experts=4", "distill.iterations=60",
                                  "distill.syn_steps=5", "eval.every=20", "eval.epochs=600",
-                                 "ray.eval_num_cpus=2", "ray.distill_num_cpus=2"])
+                                 "ray.eval_num_cpus=2"])
     ctx = Context.build(cfg)
-    data_ref = ray.put(data_to_numpy(ctx.data))
-    trajs = load_experts(Storage.open(str(local_run)), ctx.spec, full=False)
-    refs = [ray.put(trajectory_to_numpy(t, i, ctx.spec)) for i, t in enumerate(trajs)]
+    evals = RayEvals(cfg, ray.put(data_to_numpy(ctx.data)))
     probe = synthetic(local_run)
     eval_seconds = []
     for _ in range(2):  # one per node; the second round runs on warm workers, as the loop's
         started = time.perf_counter()
-        ray.get([r for i in range(2) for r in workers.submit_evaluation(
-            cfg.to_dict(), data_ref, probe[0], probe[1],
-            probe[2], "probe", i)])
+        futures = [evals.submit(SyntheticSet(probe.images, probe.labels, probe.step_size,
+                                             {"iteration": i}), "probe") for i in range(2)]
+        [f.result() for f in futures]
         eval_seconds.append(time.perf_counter() - started)
-    actor = ray.remote(workers.DistillWorker).options(num_cpus=2).remote(
-        cfg.to_dict(), {"data": data_ref, "experts": refs}, str(tmp_path), "overlap")
-    result = ray.get(actor.run.remote(False))
-    ray.kill(actor)
-    assert [r["iteration"] for r in result["rows"]] == [0, 20, 40, 60]
-    times = result["step_times"]
+    distiller = make_distiller(ctx, load_experts(Storage.open(str(local_run)), ctx.spec, False))
+    times, step = [], distiller.step
+    distiller.step = lambda: (step(), times.append(time.perf_counter()))[0]
+    outcome = run_distillation(ctx, Storage.open(str(tmp_path)), distiller, evals.submit,
+                               False, "overlap", time.time())
+    assert [r["iteration"] for r in outcome.rows] == [0, 20, 40, 60]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert min(eval_seconds) > 0.5, eval_seconds  # an evaluation worth not waiting for
     assert max(gaps) < 0.5 * min(eval_seconds), (

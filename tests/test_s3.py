@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import torch
 
 from mct_ray import formats, storage
+from mct_ray.distill import SyntheticSet
 from mct_ray.errors import DataError, StorageError
 from mct_ray.nets import NetSpec
 from mct_ray.storage import Storage, parent_and_name
@@ -148,7 +149,8 @@ def test_artifacts_round_trip_through_s3(aws_env):
     store.write_bytes(storage.expert_name(0, full=True), formats.save_trajectory(full))
     images, labels = torch.randn(10, 1, 8, 8), torch.arange(10)
     store.write_bytes(storage.SYNTHETIC,
-                      formats.save_synthetic(images, labels, 0.01, spec, {"iteration": 5}))
+                      formats.save_synthetic(SyntheticSet(images, labels, 0.01, {"iteration": 5}),
+                                             spec))
     rows = [{"iteration": i, "loss": 1.0 / (i + 1), "method": "mct"} for i in range(3)]
     store.write_table(storage.METRICS, rows)
     store.write_json(storage.CONFIG, {"distill": {"ipc": 10}})
@@ -164,9 +166,9 @@ def test_artifacts_round_trip_through_s3(aws_env):
     back_full = formats.load_trajectory(
         again.read_bytes(storage.expert_name(0, full=True)), "e0f", spec)
     assert torch.equal(back_full.checkpoints, full.checkpoints)
-    im, lb, step, info = formats.load_synthetic(again.read_bytes(storage.SYNTHETIC), "s", spec)
-    assert torch.equal(im, images) and torch.equal(lb, labels)
-    assert step == 0.01 and info == {"iteration": 5}
+    syn = formats.load_synthetic(again.read_bytes(storage.SYNTHETIC), "s", spec)
+    assert torch.equal(syn.images, images) and torch.equal(syn.labels, labels)
+    assert syn.step_size == 0.01 and syn.info == {"iteration": 5}
     assert again.read_table(storage.METRICS) == rows
     assert again.read_json(storage.CONFIG) == {"distill": {"ipc": 10}}
     assert again.list(storage.EXPERTS, ".safetensors") == [
@@ -177,6 +179,20 @@ def test_artifacts_round_trip_through_s3(aws_env):
         again.read_json("missing.json")
     # No probe object is left behind by the check.
     assert not [k for k in aws_env.keys() if "write-check" in k]
+
+
+def test_one_writer_at_a_time_on_an_object_store(aws_env, monkeypatch):
+    from mct_ray import runfolder
+
+    monkeypatch.setattr(runfolder, "OBJECT_STORE_SETTLE_S", 0.05)
+    store = Storage.open(_uri(aws_env, "locked"), check=True)
+    lock = runfolder.RunLock.acquire(store, "run")
+    monkeypatch.setattr(runfolder.socket, "gethostname", lambda: "another-host")
+    with pytest.raises(StorageError, match=r"is in use by 'mct-ray run' \(pid \d+ on "):
+        runfolder.RunLock.acquire(Storage.open(_uri(aws_env, "locked")), "distill")
+    lock.release()
+    assert not store.exists(storage.LOCK)
+    runfolder.RunLock.acquire(store, "distill").release()
 
 
 def test_endpoint_from_aws_endpoint_url(aws_env, monkeypatch):
