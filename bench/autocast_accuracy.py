@@ -2,9 +2,9 @@
 student's forward in float32 and under bf16 autocast, from the same experts, per seed.
 
 The option is meant for GPUs; on this CPU PyTorch's autocast runs the convolutions and
-matmuls in bfloat16 with float32 accumulation, as on a GPU's tensor cores. The figure is the effect of bf16 rounding
-in the unroll on the distilled set's accuracy (evaluation is float32 either way); it is not
-a GPU measurement, and its seconds are this CPU's. Last line:
+matmuls in bfloat16 with float32 accumulation, as on a GPU's tensor cores. The figure is the
+effect of bf16 rounding in the unroll on the distilled set's accuracy (evaluation is float32
+either way); it is not a GPU measurement, and its seconds are this CPU's. Last line:
 bf16_best_acc_delta_points=<mean over seeds of (bf16 best - float32 best), in points>.
 
     python -m bench.autocast_accuracy [--seeds 0 1] [key=value ...]

@@ -44,8 +44,8 @@ def measure(cfg, data_ref, refs: list, out: str, copy: bool) -> dict:
 class MeasuredDistiller(workers.DistillWorker):
     """The library's distillation actor, run as `DistillWorker.run` does, except that it
     keeps what it built (the data set and the trajectories, as views of the object store)
-    after the run, so that `memory` counts them (as the old actor, which built them in its
-constructor, did); plus `memory` itself."""
+    after the run, so that `memory` counts what the actor holds while it distils; plus
+    `memory` itself."""
 
     def run(self, refs: dict, resume: bool, started: float) -> dict:
         self.ctx = Context.from_data(self.cfg, data_from_numpy(ray.get(refs["data"])),

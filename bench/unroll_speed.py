@@ -90,8 +90,8 @@ def setup(shape: str, ipc: int, steps: int, batch_syn: int, device: str, seed: i
 def mtt_forward(spec, params, x):
     """MTT's ConvNet forward: built-in functional ops (autograd's own double backward)."""
     it = iter(params)
-    for _ in range(spec.depth):
-        x = F.conv2d(x, next(it), next(it), padding=1)
+    for i in range(spec.depth):  # MTT pads the first convolution by 3 for 1x28x28 input
+        x = F.conv2d(x, next(it), next(it), padding=spec.first_padding if i == 0 else 1)
         if spec.norm == "instancenorm":
             x = F.group_norm(x, spec.width, next(it), next(it), eps=1e-5)
         x = F.avg_pool2d(F.relu(x), 2)

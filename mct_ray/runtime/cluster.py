@@ -39,15 +39,15 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as s:
             s.settimeout(timeout_s)
             s.sendall(_H2_PREFACE)
-            reply = s.recv(9)
+            reply = s.recv(16)
     except socket.timeout:
         reply = None
     except OSError as exc:
         raise ClusterError(f"RAY_ADDRESS='{address}': no Ray cluster answers there "
                            f"({exc.strerror or exc})") from None
     if not reply or len(reply) < 4 or reply[3] != _SETTINGS:
-        what = "an HTTP server" if reply and reply.startswith(b"HTTP/") else \
-            "a server that does not answer as Ray"
+        http = reply and reply.lstrip().lower().startswith((b"http/", b"<!doctype", b"<html"))
+        what = "an HTTP server" if http else "a server that does not answer as Ray"
         raise ClusterError(f"RAY_ADDRESS='{address}': {what} listens there, not a Ray "
                            "cluster (the GCS address is host:6379, Ray Client ray://host:10001)")
 
