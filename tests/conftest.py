@@ -20,6 +20,21 @@ TINY = [
 ]
 
 
+# The pure core: no Ray, no subprocess, no network (`pytest -m core`, under a minute).
+CORE_MODULES = {"test_config", "test_distill", "test_formats", "test_trajectory",
+                "test_fidelity", "test_data_formats", "test_tensorboard"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "core: the pure-core tests (no Ray, no subprocess)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in CORE_MODULES:
+            item.add_marker(pytest.mark.core)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from mct_ray.config import load_config

@@ -24,7 +24,7 @@ from mct_ray.cli import main
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-LONG = [*TINY, "distill.iterations=400", "distill.syn_steps=10", "eval.every=200",
+LONG = [*TINY, "distill.iterations=150", "distill.syn_steps=10", "eval.every=75",
         "run.checkpoint_every=1"]
 
 

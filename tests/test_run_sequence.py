@@ -28,8 +28,8 @@ from mct_ray.config import parse_overrides
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQ = [*TINY, "expert.num_experts=3", "distill.iterations=150", "distill.syn_steps=10",
-       "eval.every=75", "run.checkpoint_every=1"]
+SEQ = [*TINY, "expert.num_experts=3", "distill.iterations=100", "distill.syn_steps=10",
+       "eval.every=50", "run.checkpoint_every=1"]
 CELL = "digits-ipc1-mct-seed0"
 
 
@@ -167,12 +167,12 @@ def test_partial_experts_and_a_killed_run_resume_to_the_same_result(backend, tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     at = state_iteration(backend.folder(killed))
-    assert 20 <= at < 150
+    assert 20 <= at < 100
     time.sleep(1.0)  # let the cluster notice the driver is gone (its actors die with it)
     backend.run(killed, "--resume")
     same_run(reference, backend.folder(killed))
     summary = json.loads((backend.folder(killed) / "summary.json").read_text())
-    assert summary["resumed_from"] is not None and 20 <= summary["resumed_from"] < 150
+    assert summary["resumed_from"] is not None and 20 <= summary["resumed_from"] < 100
     assert len(summary["parts"]) == 2 and summary["parts"][0]["to_iteration"] >= 20
     assert summary["wall_seconds"] == pytest.approx(sum(p["seconds"]
                                                         for p in summary["parts"]), abs=0.01)
