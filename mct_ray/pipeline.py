@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mct_ray.data import ImageData
+from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
 from mct_ray.experts import ExpertResult
 from mct_ray.nets import NetSpec
@@ -37,6 +38,16 @@ def data_from_numpy(d: dict) -> ImageData:
     return ImageData(d["name"], as_tensor(d["train_x"]), as_tensor(d["train_y"]),
                      as_tensor(d["test_x"]), as_tensor(d["test_y"]), tuple(d["class_names"]),
                      tuple(d["mean"]), tuple(d["std"]))
+
+
+def synthetic_to_numpy(syn: SyntheticSet) -> dict:
+    return {"images": syn.images.numpy(), "labels": syn.labels.numpy(),
+            "step_size": syn.step_size, "info": dict(syn.info)}
+
+
+def synthetic_from_numpy(d: dict) -> SyntheticSet:
+    return SyntheticSet(as_tensor(d["images"]), as_tensor(d["labels"]), d["step_size"],
+                        d["info"])
 
 
 def _layout(spec: NetSpec) -> list[list]:

@@ -17,8 +17,8 @@ from mct_ray.evaluate import EvalResult, eval_seed, train_and_test
 from mct_ray.experts import train_expert
 from mct_ray.loop import checkpoint_run_id, run_distillation
 from mct_ray.pipeline import Context, make_distiller
-from mct_ray.runtime.codec import (as_tensor, data_from_numpy, expert_to_numpy,
-                                   trajectory_from_numpy)
+from mct_ray.runtime.codec import (data_from_numpy, expert_to_numpy, synthetic_from_numpy,
+                                   synthetic_to_numpy, trajectory_from_numpy)
 from mct_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,7 @@ def train_expert_task(cfg: Config, data: dict, expert_id: int) -> dict:
 def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int) -> float:
     """Train evaluation network `index` on a snapshot; its test accuracy."""
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.eval_num_cpus)
-    syn = SyntheticSet(as_tensor(snapshot["images"]), as_tensor(snapshot["labels"]),
-                       snapshot["step_size"], {"iteration": snapshot["iteration"]})
+    syn = synthetic_from_numpy(snapshot)
     return train_and_test(cfg, ctx.spec, syn, ctx.data.test_x, ctx.data.test_y,
                           eval_seed(cfg.seed, tag, syn.iteration, index), ctx.device)
 
@@ -69,8 +68,7 @@ class RayEvals:
             num_cpus=r.eval_num_cpus, num_gpus=r.eval_num_gpus, max_retries=r.eval_retries)
 
     def submit(self, syn: SyntheticSet, tag: str) -> RayEval:
-        snapshot = ray.put({"images": syn.images.numpy(), "labels": syn.labels.numpy(),
-                            "step_size": syn.step_size, "iteration": syn.iteration})
+        snapshot = ray.put(synthetic_to_numpy(syn))
         return RayEval([self.task.remote(self.cfg, self.data_ref, snapshot, tag, i)
                         for i in range(self.cfg.eval.num_eval)])
 
