@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+# bench/results, or the folder MCT_RAY_BENCH_RESULTS names (bench.gpu writes to its own).
+RESULTS = pathlib.Path(os.environ.get("MCT_RAY_BENCH_RESULTS")
+                       or pathlib.Path(__file__).parent / "results")
 
 
 def save_table(name: str, rows: list[dict], folder: pathlib.Path = RESULTS) -> pathlib.Path:

@@ -75,7 +75,7 @@ class Problem:
 def setup(shape: str, ipc: int, steps: int, batch_syn: int, device: str, seed: int = 0,
           dtype: torch.dtype = torch.float32) -> Problem:
     channels, size, classes = SHAPES[shape]
-    spec = make_spec(NetConfig(width=128), (channels, size, size), classes)
+    spec = make_spec(NetConfig(width=WIDTH[0]), (channels, size, size), classes)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(classes * ipc, channels, size, size, generator=gen)
     labels = torch.arange(classes).repeat_interleave(ipc).to(device)
@@ -125,12 +125,18 @@ def one_iteration(mode: str, p: Problem, autocast: str = "none"
     if mode == "reference":
         reference_iteration(p, x, lr)
         return x.grad, lr.grad
-    student = Student(p.spec, p.labels, p.aug, autocast)
+    student = Student(p.spec, p.labels, p.aug, autocast, BUILTIN[0])
     # checkpoint: the library's default (one step per segment); checkpoint-sqrt: round(sqrt N)
     segments = round(len(p.plans) ** 0.5) if mode == "checkpoint-sqrt" else 0
     GRAD_MODES[GRAD_MODE_OF[mode]](student, x, lr, p.seg, p.plans,
                                    DistillConfig(checkpoint_segments=segments))
     return x.grad, lr.grad
+
+
+# --kernels builtin: our modes with PyTorch's own ops and double backward (cuDNN's on a GPU)
+# instead of the hand-written ones; set once per process from the arguments.
+BUILTIN = [False]
+WIDTH = [128]  # --width: the ConvNet's width (128 in every paper; smaller for dry runs)
 
 
 def sync(device: str) -> None:
@@ -143,8 +149,10 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_float64(args) -> dict[str, float]:
-    """Exactness where rounding cannot hide anything: float64, same net, ipc 2, N=4."""
-    p = setup(args.shape, 2, 4, 0, args.device, dtype=torch.float64)  # 2 chunks on CPU
+    """Exactness where rounding cannot hide anything: float64, same net, ipc 2, N=4 (or
+    the timed ipc and N where smaller: dry runs)."""
+    p = setup(args.shape, min(2, args.ipc), min(4, args.steps), 0, args.device,
+              dtype=torch.float64)  # 2 chunks on CPU at the default sizes
     ref_x, ref_lr = one_iteration("reference", p)
     out = {}
     for mode in MODES[1:]:
@@ -273,7 +281,8 @@ def measure_memory(args, mode: str) -> dict[str, float]:
         cmd = [sys.executable, __file__, "--child", mode, "--measure", measure, "--shape",
                args.shape, "--ipc", str(args.ipc), "--steps", str(args.steps), "--batch-syn",
                str(args.batch_syn), "--device", args.device, "--threads", str(args.threads),
-               "--autocast", args.autocast]
+               "--autocast", args.autocast, "--kernels", args.kernels,
+               "--width", str(args.width)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         out[measure] = json.loads(res.strip().splitlines()[-1])["extra"]
         log(f"memory {mode} {measure}: {out[measure] / 2**20:.0f} MiB")
@@ -292,6 +301,9 @@ def parse_args(argv=None):
     parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
                         help="our modes only (the reference stays float32); meant for "
                              "GPUs, on a CPU it emulates bf16's numerics (slowly)")
+    parser.add_argument("--kernels", choices=("fast", "builtin"), default="fast",
+                        help="our modes' ops: hand-written double backward, or PyTorch's")
+    parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--modes", nargs="+", choices=MODES[1:], default=list(MODES[1:]))
     parser.add_argument("--warmup-steps", type=int, default=10**9,
                         help="N of the warm-up round (default: a full round, which also "
@@ -310,6 +322,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
+    BUILTIN[0], WIDTH[0] = args.kernels == "builtin", args.width
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -329,10 +342,11 @@ def main() -> None:
     for r in rows:
         r.update(shape=args.shape, device=args.device, ipc=args.ipc, steps=args.steps,
                  batch_syn=args.batch_syn, threads=torch.get_num_threads(),
-                 autocast=args.autocast, peak_tflops=peak / 1e12, reference_f32_spread=floor,
+                 autocast=args.autocast, kernels=args.kernels, peak_tflops=peak / 1e12, reference_f32_spread=floor,
                  rounds=args.repeats, date=time.strftime("%Y-%m-%d"),
                  device_name=device_name(args.device))
-    name = f"unroll_speed_{args.shape}_{args.device}"
+    name = f"unroll_speed_{args.shape}_{args.device}" + \
+        ("_builtin" if args.kernels == "builtin" else "")
     save_table(name, rows)
     plot(rows, args, name)
     report(args, rows, floor, peak)

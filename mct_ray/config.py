@@ -131,6 +131,13 @@ class RunConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     num_threads: int = _f(0, lo=0, hi=1024, doc="torch threads; 0 leaves torch's default")
     progress: bool = _f(True)
+    kernels: str = _f("auto", choices=("auto", "fast", "builtin"),
+                      doc="the ConvNet's ops: fast (hand-written double backward, tuned on "
+                      "CPU), builtin (F.conv2d/group_norm/avg_pool2d: cuDNN's on a GPU); "
+                      "auto: fast on CPU, builtin elsewhere")
+    data_on_device: bool = _f(True, doc="keep the data set on the GPU when it takes under "
+                              "half of its free memory")
+    tf32: bool = _f(False, doc="TF32 matmuls and convolutions on NVIDIA GPUs")
     checkpoint_every: int = _f(0, lo=0, hi=10_000_000, doc="0: only at evaluations")
     tensorboard: bool = _f(True, doc="event files under <out>/tb: loss, step size, accuracy, "
                               "synthetic images")

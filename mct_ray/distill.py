@@ -147,8 +147,9 @@ class Student:
     """The student's SGD step as a function of (parameters, images, step size)."""
 
     def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter,
-                 autocast: str = "none"):
+                 autocast: str = "none", builtin: bool = False):
         self.spec, self.labels, self.aug, self.autocast = spec, labels, aug, autocast
+        self.builtin = builtin
 
     def loss(self, params: list[torch.Tensor], images: torch.Tensor, plan: StepPlan
              ) -> torch.Tensor:
@@ -160,7 +161,7 @@ class Student:
         total = 0.0
         for xc, yc in zip(x.tensor_split(pieces), y.tensor_split(pieces)):
             with torch.autocast(x.device.type, torch.bfloat16, enabled=use_bf16):
-                logits = self.spec.forward(params, xc)
+                logits = self.spec.forward(params, xc, self.builtin)
             logits = logits.to(params[-1].dtype)  # the loss in the parameters' precision
             total = total + F.cross_entropy(logits, yc, reduction="sum")
         return total / len(x)
@@ -275,7 +276,7 @@ class Distiller:
 
     def __init__(self, spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
                  labels: torch.Tensor, cfg: DistillConfig, aug: Augmenter, seed: int,
-                 device: str = "cpu"):
+                 device: str = "cpu", builtin: bool = False):
         if not trajectories:
             raise FormatError("no expert trajectories to distill from")
         self.spec, self.trajectories, self.cfg, self.seed = spec, trajectories, cfg, seed
@@ -285,7 +286,7 @@ class Distiller:
         self.step_size = torch.tensor(cfg.lr_teacher, device=device).requires_grad_()
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
-        self.student = Student(spec, self.labels, aug, cfg.autocast)
+        self.student = Student(spec, self.labels, aug, cfg.autocast, builtin)
         self.iteration = 0
         self.bad_streak = 0
 

@@ -36,11 +36,12 @@ class EvalResult:
 
 
 def train_and_test(cfg: Config, spec: NetSpec, syn: SyntheticSet, test_x: torch.Tensor,
-                   test_y: torch.Tensor, seed: int, device: str = "cpu") -> float:
+                   test_y: torch.Tensor, seed: int, device: str = "cpu",
+                   builtin: bool = False) -> float:
     """Train one fresh network on the synthetic set and return its test accuracy."""
     e = cfg.eval
     init = torch.Generator().manual_seed(derive_seed(seed, "eval-init"))
-    net = ConvNet(spec, spec.init_params(init)).to(device)
+    net = ConvNet(spec, spec.init_params(init), builtin).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=syn.step_size, momentum=e.momentum,
                           weight_decay=e.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [e.epochs // 2], gamma=0.1)
@@ -59,11 +60,11 @@ def eval_seed(seed: int, tag: str, iteration: int, index: int) -> int:
 
 
 def evaluate(cfg: Config, spec: NetSpec, data: ImageData, syn: SyntheticSet, tag: str = "syn",
-             device: str = "cpu") -> EvalResult:
+             device: str = "cpu", builtin: bool = False) -> EvalResult:
     """eval.num_eval fresh networks trained on `syn`, seeded by its iteration and `tag`."""
     return EvalResult(tuple(
         train_and_test(cfg, spec, syn, data.test_x, data.test_y,
-                       eval_seed(cfg.seed, tag, syn.iteration, i), device)
+                       eval_seed(cfg.seed, tag, syn.iteration, i), device, builtin)
         for i in range(cfg.eval.num_eval)))
 
 

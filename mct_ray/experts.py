@@ -82,9 +82,10 @@ def anchor_points(cfg: ExpertConfig, snapshots: dict[int, torch.Tensor]) -> torc
 
 
 def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augmenter, seed: int,
-                 expert_id: int, device: str = "cpu") -> ExpertResult:
+                 expert_id: int, device: str = "cpu", builtin: bool = False) -> ExpertResult:
     theta_seed = init_seed(seed, expert_id)
-    net = ConvNet(spec, spec.init_params(torch.Generator().manual_seed(theta_seed))).to(device)
+    net = ConvNet(spec, spec.init_params(torch.Generator().manual_seed(theta_seed)),
+                  builtin).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     gen = generator(seed, "expert-batches", expert_id)

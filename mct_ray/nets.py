@@ -42,8 +42,11 @@ class NetSpec:
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return ARCHITECTURES[self.name].param_shapes(self)
 
-    def forward(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return ARCHITECTURES[self.name].forward(self, params, x)
+    def forward(self, params: Sequence[torch.Tensor], x: torch.Tensor,
+                builtin: bool = False) -> torch.Tensor:
+        """`builtin`: PyTorch's own ops and double backward (cuDNN's on a GPU) instead of
+        the hand-written ones; the same function, other kernels."""
+        return ARCHITECTURES[self.name].forward(self, params, x, builtin)
 
     def init_params(self, generator: torch.Generator) -> list[torch.Tensor]:
         return ARCHITECTURES[self.name].init(self, generator)
@@ -67,7 +70,7 @@ class NetSpec:
 @dataclass(frozen=True)
 class Architecture:
     param_shapes: Callable[[NetSpec], list[tuple[str, tuple[int, ...]]]]
-    forward: Callable[[NetSpec, Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
+    forward: Callable[[NetSpec, Sequence[torch.Tensor], torch.Tensor, bool], torch.Tensor]
     init: Callable[[NetSpec, torch.Generator], list[torch.Tensor]]
 
 
@@ -89,15 +92,19 @@ def _convnet_shapes(spec: NetSpec) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def _convnet_forward(spec: NetSpec, params: Sequence[torch.Tensor], x: torch.Tensor
-                     ) -> torch.Tensor:
+def _convnet_forward(spec: NetSpec, params: Sequence[torch.Tensor], x: torch.Tensor,
+                     builtin: bool = False) -> torch.Tensor:
     it = iter(params)
     for i in range(spec.depth):
-        x = conv3x3(x, next(it), next(it), spec.first_padding if i == 0 else 1)
+        pad = spec.first_padding if i == 0 else 1
+        w, b = next(it), next(it)
+        x = F.conv2d(x, w, b, padding=pad) if builtin else conv3x3(x, w, b, pad)
         if spec.norm == "instancenorm":
             # Instance norm with affine parameters, as GroupNorm(width, width) in MTT.
-            x = instance_norm(x, next(it), next(it))
-        x = avg_pool2(F.relu(x))
+            w, b = next(it), next(it)
+            x = F.group_norm(x, spec.width, w, b, eps=_EPS) if builtin else \
+                instance_norm(x, w, b)
+        x = F.avg_pool2d(F.relu(x), 2) if builtin else avg_pool2(F.relu(x))
     return F.linear(x.flatten(1), next(it), next(it))
 
 
@@ -369,10 +376,16 @@ def make_spec(cfg: NetConfig, shape: tuple[int, int, int], num_classes: int) -> 
 class ConvNet(nn.Module):
     """nn.Module view of a NetSpec (used by expert training and evaluation)."""
 
-    def __init__(self, spec: NetSpec, params: Sequence[torch.Tensor]):
+    def __init__(self, spec: NetSpec, params: Sequence[torch.Tensor], builtin: bool = False):
         super().__init__()
-        self.spec = spec
+        self.spec, self.builtin = spec, builtin
         self.params = nn.ParameterList(nn.Parameter(p.clone()) for p in params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spec.forward(list(self.params), x)
+        return self.spec.forward(list(self.params), x, self.builtin)
+
+
+def builtin_kernels(kernels: str, device: str) -> bool:
+    """run.kernels on a device: whether the builtin ops run (auto: everywhere but the CPU,
+    where the hand-written double backward was measured faster; bench/NOTES.md)."""
+    return kernels == "builtin" or (kernels == "auto" and device != "cpu")

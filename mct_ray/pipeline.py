@@ -31,7 +31,7 @@ from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
 from mct_ray.loop import (DistillOutcome, EvalFuture, Finished, Progress, parts_with,
                           run_distillation)
-from mct_ray.nets import NetSpec, make_spec
+from mct_ray.nets import NetSpec, builtin_kernels, make_spec
 from mct_ray.rng import generator
 from mct_ray.storage import Storage
 from mct_ray.trajectory import FullTrajectory, Trajectory
@@ -50,6 +50,7 @@ class Context:
     spec: NetSpec
     aug: Augmenter
     device: str
+    builtin: bool  # the network's builtin ops rather than the hand-written ones (run.kernels)
 
     @classmethod
     def build(cls, cfg: Config) -> "Context":
@@ -61,7 +62,11 @@ class Context:
         one (the same count gives the same floating-point result on every path)."""
         device = setup_torch(cfg, num_cpus)
         spec = make_spec(cfg.net, data.shape, data.num_classes)
-        return cls(cfg, data, spec, Augmenter(cfg.augment), device)
+        if device != "cpu" and cfg.run.data_on_device and \
+                2 * data.nbytes < torch.cuda.mem_get_info(torch.device(device))[0]:
+            data = data.to(device)  # minibatches drawn and augmented there, no host copies
+        return cls(cfg, data, spec, Augmenter(cfg.augment), device,
+                   builtin_kernels(cfg.run.kernels, device))
 
 
 def setup_torch(cfg: Config, num_cpus: float = 0) -> str:
@@ -74,6 +79,9 @@ def setup_torch(cfg: Config, num_cpus: float = 0) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise DataError("run.device=cuda but no CUDA device is visible")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.run.tf32
     return device
 
 
@@ -104,11 +112,11 @@ class LocalBackend:
         c = self.ctx
         for i in ids:
             yield train_expert(c.spec, c.data, c.cfg.expert_training, c.aug, c.cfg.seed, i,
-                               c.device)
+                               c.device, c.builtin)
 
     def submit_eval(self, syn: SyntheticSet, tag: str) -> EvalFuture:
         c = self.ctx
-        return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device))
+        return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device, c.builtin))
 
     def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
                 started: float) -> DistillOutcome:
@@ -198,7 +206,7 @@ def make_distiller(ctx: Context, trajectories: list[Trajectory]) -> Distiller:
     images, labels = init_synthetic(ctx.data.train_x, ctx.data.train_y, ctx.data.num_classes,
                                     cfg.distill.ipc, generator(cfg.seed, "init"))
     return Distiller(ctx.spec, trajectories, images, labels, cfg.distill, ctx.aug, cfg.seed,
-                     ctx.device)
+                     ctx.device, ctx.builtin)
 
 
 def evaluate_saved(ctx: Context, store: Storage, backend: Backend, source: Storage,

@@ -27,6 +27,7 @@ CORE_MODULES = {"test_config", "test_distill", "test_formats", "test_trajectory"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: the pure-core tests (no Ray, no subprocess)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -353,3 +353,28 @@ def test_bf16_autocast_runs_exactly_replayable_and_close_to_float32():
     assert torch.equal(out["unroll"], out["checkpoint"])
     cos = F.cosine_similarity(out["unroll"].flatten(), out["fp32"].flatten(), dim=0)
     assert 0.97 < float(cos) < 1.0
+
+
+@pytest.mark.parametrize("mode", ["unroll", "checkpoint", "tesla"])
+def test_builtin_kernels_give_the_same_gradient_as_the_hand_written_ones(mode):
+    """run.kernels=builtin (F.conv2d / F.group_norm / F.avg_pool2d and autograd's double
+    backward, what a GPU uses by default) against the hand-written ops, in float64."""
+    images, labels, seg, aug, plans = problem(num_steps=4)
+    out = {}
+    for builtin in (False, True):
+        x, lr = leaf(images), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        loss = GRAD_MODES[mode](Student(SPEC, labels, aug, builtin=builtin), x, lr, seg, plans,
+                                DistillConfig())
+        out[builtin] = (float(loss), x.grad, lr.grad)
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-12)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out[True][2], out[False][2], rtol=1e-9, atol=1e-12)
+
+
+def test_builtin_and_fast_convnets_agree_in_float32_at_the_mnist_shape():
+    spec = NetSpec("convnet", channels=1, resolution=28, num_classes=10, width=16, depth=3,
+                   norm="instancenorm")
+    gen = torch.Generator().manual_seed(0)
+    params, x = spec.init_params(gen), torch.randn(8, 1, 28, 28, generator=gen)
+    torch.testing.assert_close(spec.forward(params, x, builtin=True), spec.forward(params, x),
+                               rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ Pixels as the authors' code prepares them (MTT's and MCT's utils.get_dataset):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -52,6 +53,17 @@ class ImageData:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])  # (C, H, W)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.train_x, self.train_y, self.test_x, self.test_y))
+
+    def to(self, device: str) -> "ImageData":
+        """The same data set with its tensors on `device` (minibatches are then drawn and
+        augmented there, with no host copies)."""
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
+                                            ("train_x", "train_y", "test_x", "test_y")})
 
 
 LOADERS: dict[str, Callable[[DataConfig], RawSplits]] = {}

@@ -31,7 +31,8 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 def data_to_numpy(data: ImageData) -> dict:
     return {"name": data.name, "class_names": list(data.class_names),
             "mean": list(data.mean), "std": list(data.std),
-            **{k: getattr(data, k).numpy() for k in ("train_x", "train_y", "test_x", "test_y")}}
+            **{k: getattr(data, k).cpu().numpy()
+               for k in ("train_x", "train_y", "test_x", "test_y")}}
 
 
 def data_from_numpy(d: dict) -> ImageData:
@@ -41,7 +42,7 @@ def data_from_numpy(d: dict) -> ImageData:
 
 
 def synthetic_to_numpy(syn: SyntheticSet) -> dict:
-    return {"images": syn.images.numpy(), "labels": syn.labels.numpy(),
+    return {"images": syn.images.cpu().numpy(), "labels": syn.labels.cpu().numpy(),
             "step_size": syn.step_size, "info": dict(syn.info)}
 
 

@@ -32,7 +32,7 @@ def train_expert_task(cfg: Config, data: dict, expert_id: int) -> dict:
     """One expert; the trajectory comes back as numpy arrays, owned by the caller."""
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.expert_num_cpus)
     result = train_expert(ctx.spec, ctx.data, cfg.expert_training, ctx.aug, cfg.seed,
-                          expert_id, ctx.device)
+                          expert_id, ctx.device, ctx.builtin)
     return {**expert_to_numpy(result, ctx.spec), "node_id": node_id()}
 
 
@@ -41,7 +41,8 @@ def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int)
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.eval_num_cpus)
     syn = synthetic_from_numpy(snapshot)
     return train_and_test(cfg, ctx.spec, syn, ctx.data.test_x, ctx.data.test_y,
-                          eval_seed(cfg.seed, tag, syn.iteration, index), ctx.device)
+                          eval_seed(cfg.seed, tag, syn.iteration, index), ctx.device,
+                          ctx.builtin)
 
 
 @dataclass
