@@ -123,6 +123,9 @@ class EvalConfig:
     weight_decay: float = _f(5e-4, lo=0.0, hi=1.0)
     augment: bool = _f(True)
     baseline: bool = _f(True, doc="also score random real images at the same ipc")
+    models: tuple = _f((), doc="other architectures the best set (and the random-real "
+                       "baseline) are trained on at the end of a run, and by `mct-ray eval` "
+                       "(mct_ray.zoo: convnet, resnet18, vgg11, alexnet, mlp, ...)")
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,7 @@ def _coerce(key: str, value: Any, typ: Any, meta: dict) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     elif typ is tuple or get_origin(typ) is tuple:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")

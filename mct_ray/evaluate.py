@@ -19,6 +19,7 @@ from mct_ray.data import ImageData
 from mct_ray.distill import SyntheticSet, init_synthetic
 from mct_ray.experts import accuracy, train_epoch
 from mct_ray.nets import ConvNet, NetSpec
+from mct_ray import zoo
 from mct_ray.rng import derive_seed, generator
 
 
@@ -37,11 +38,17 @@ class EvalResult:
 
 def train_and_test(cfg: Config, spec: NetSpec, syn: SyntheticSet, test_x: torch.Tensor,
                    test_y: torch.Tensor, seed: int, device: str = "cpu",
-                   builtin: bool = False) -> float:
-    """Train one fresh network on the synthetic set and return its test accuracy."""
+                   builtin: bool = False, model: str | None = None) -> float:
+    """Train one fresh network (the distillation's, or `model` of the zoo) on the synthetic
+    set and return its test accuracy."""
     e = cfg.eval
-    init = torch.Generator().manual_seed(derive_seed(seed, "eval-init"))
-    net = ConvNet(spec, spec.init_params(init), builtin).to(device)
+    init = derive_seed(seed, "eval-init")
+    if model is None:
+        net = ConvNet(spec, spec.init_params(torch.Generator().manual_seed(init)), builtin)
+    else:
+        net = zoo.build(model, spec.channels, spec.num_classes, spec.resolution, init,
+                        spec.width, spec.depth, spec.norm)
+    net = net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=syn.step_size, momentum=e.momentum,
                           weight_decay=e.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [e.epochs // 2], gamma=0.1)
@@ -60,11 +67,12 @@ def eval_seed(seed: int, tag: str, iteration: int, index: int) -> int:
 
 
 def evaluate(cfg: Config, spec: NetSpec, data: ImageData, syn: SyntheticSet, tag: str = "syn",
-             device: str = "cpu", builtin: bool = False) -> EvalResult:
+             device: str = "cpu", builtin: bool = False, model: str | None = None
+             ) -> EvalResult:
     """eval.num_eval fresh networks trained on `syn`, seeded by its iteration and `tag`."""
     return EvalResult(tuple(
         train_and_test(cfg, spec, syn, data.test_x, data.test_y,
-                       eval_seed(cfg.seed, tag, syn.iteration, i), device, builtin)
+                       eval_seed(cfg.seed, tag, syn.iteration, i), device, builtin, model)
         for i in range(cfg.eval.num_eval)))
 
 

@@ -91,8 +91,10 @@ class Backend(Protocol):
     def train_experts(self, ids: list[int]) -> Iterator[ExpertResult]:
         """Train these experts; yield each as it finishes (any order)."""
 
-    def submit_eval(self, syn: SyntheticSet, tag: str) -> EvalFuture:
-        """Score a synthetic set with eval.num_eval fresh networks."""
+    def submit_eval(self, syn: SyntheticSet, tag: str, model: str | None = None
+                    ) -> EvalFuture:
+        """Score a synthetic set with eval.num_eval fresh networks (the distillation's, or
+        `model` of the zoo)."""
 
     def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
                 started: float) -> DistillOutcome:
@@ -114,9 +116,10 @@ class LocalBackend:
             yield train_expert(c.spec, c.data, c.cfg.expert_training, c.aug, c.cfg.seed, i,
                                c.device, c.builtin)
 
-    def submit_eval(self, syn: SyntheticSet, tag: str) -> EvalFuture:
+    def submit_eval(self, syn: SyntheticSet, tag: str, model: str | None = None
+                    ) -> EvalFuture:
         c = self.ctx
-        return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device, c.builtin))
+        return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device, c.builtin, model))
 
     def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
                 started: float) -> DistillOutcome:
@@ -144,8 +147,31 @@ def run(ctx: Context, store: Storage, backend: Backend, experts: Storage,
             if ctx.cfg.eval.baseline else None
         outcome = backend.distill(store, experts, resume, run_id, started)
         result = finish(ctx, store, experts, outcome, baseline.result() if baseline else None,
-                        run_id, started)
+                        run_id, started, cross_architecture(ctx, store, backend))
     return result
+
+
+def cross_architecture(ctx: Context, store: Storage, backend: Backend) -> dict:
+    """The best synthetic set, and the random-real baseline beside it, trained on every
+    architecture of eval.models: {model: {acc_mean, acc_std, random_acc_mean, ...}}."""
+    cfg, out = ctx.cfg, {}
+    if not cfg.eval.models:
+        return out
+    best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
+                                  store.uri_of(layout.SYNTHETIC), ctx.spec)
+    real = random_real(cfg, ctx.data)
+    futures = {m: (backend.submit_eval(best, "final", m),
+                   backend.submit_eval(real, "baseline", m) if cfg.eval.baseline else None)
+               for m in cfg.eval.models}
+    for model, (syn, base) in futures.items():
+        r, b = syn.result(), base.result() if base else None
+        out[model] = {"acc_mean": r.mean, "acc_std": r.std,
+                      "random_acc_mean": b.mean if b else None,
+                      "random_acc_std": b.std if b else None}
+        log.info("best set (iteration %d) on %s: %.2f %% +- %.2f%s", best.iteration, model,
+                 100 * r.mean, 100 * r.std,
+                 f"; random real {100 * b.mean:.2f} %" if b else "")
+    return out
 
 
 def train_missing_experts(ctx: Context, store: Storage, backend: Backend) -> dict:
@@ -213,13 +239,21 @@ def evaluate_saved(ctx: Context, store: Storage, backend: Backend, source: Stora
                    name: str) -> dict:
     """`mct-ray eval`: score a saved synthetic set; eval.json in `store`."""
     syn = formats.load_synthetic(source.read_bytes(name), source.uri_of(name), ctx.spec)
-    result = backend.submit_eval(syn, "final").result()
-    out = {"acc_mean": result.mean, "acc_std": result.std, "accs": list(result.accs),
-           "iteration": syn.iteration, "num_eval": ctx.cfg.eval.num_eval,
+    out = {"iteration": syn.iteration, "num_eval": ctx.cfg.eval.num_eval,
            "epochs": ctx.cfg.eval.epochs, "source": source.uri_of(name)}
+    models = ctx.cfg.eval.models
+    futures = {m: backend.submit_eval(syn, "final", m) for m in (models or (None,))}
+    for model, future in futures.items():  # all submitted first: on Ray they run together
+        result = future.result()
+        scores = {"acc_mean": result.mean, "acc_std": result.std, "accs": list(result.accs)}
+        if model is None:
+            out.update(scores)
+        else:
+            out.setdefault("models", {})[model] = scores
+        log.info("%s%s: %.2f %% +- %.2f over %d networks", source.uri_of(name),
+                 f" on {model}" if model else "", 100 * result.mean, 100 * result.std,
+                 len(result.accs))
     store.write_json(layout.EVAL, out)
-    log.info("%s: %.2f %% +- %.2f over %d networks", source.uri_of(name), 100 * result.mean,
-             100 * result.std, len(result.accs))
     return out
 
 
@@ -275,10 +309,13 @@ def summarise(ctx: Context, experts: Storage, outcome: DistillOutcome,
 
 
 def finish(ctx: Context, store: Storage, experts: Storage, outcome: DistillOutcome,
-           baseline: EvalResult | None, run_id: str, started: float) -> dict:
+           baseline: EvalResult | None, run_id: str, started: float,
+           models: dict | None = None) -> dict:
     final = max(r["iteration"] for r in outcome.rows)
     summary = summarise(ctx, experts, outcome, baseline,
                         parts_with(outcome, run_id, final, started))
+    if models:
+        summary["models"] = models  # the best set on other architectures
     store.write_json(layout.SUMMARY, summary)
     best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
                                   store.uri_of(layout.SYNTHETIC))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mct_ray import storage as layout
+from mct_ray import zoo
 from mct_ray.config import check_expert_epochs
 from mct_ray.errors import ConfigError, DataError
 from mct_ray.pipeline import Context, load_expert, missing_experts_message
@@ -20,6 +21,7 @@ from mct_ray.storage import Storage
 
 def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
     cfg = ctx.cfg
+    zoo.check(cfg.eval.models)
     if "distill" in phases:
         counts = torch.bincount(ctx.data.train_y, minlength=ctx.data.num_classes)
         smallest = int(counts.argmin())

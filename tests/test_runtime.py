@@ -246,3 +246,15 @@ def test_codec_round_trip_shares_memory_and_rejects_another_network(tiny_ctx, ti
                       tiny_ctx.data.num_classes)
     with pytest.raises(FormatError, match="trained for another network"):
         expert_from_numpy(d, other)
+
+
+def test_cross_architecture_eval_on_ray_equals_local(ray_cluster, local_run, tmp_path, capsys):
+    """One task per (architecture, network), and the same accuracies as in one process."""
+    import shutil
+
+    shutil.copy(local_run / "synthetic.safetensors", tmp_path / "synthetic.safetensors")
+    args = [*TINY, "expert.num_experts=4", "eval.models=[mlp,convnet-nn]", "eval.num_eval=2"]
+    on_ray = run_json(capsys, "eval", "--out", str(tmp_path), *args)
+    local = run_json(capsys, "eval", "--local", "--out", str(tmp_path), *args)
+    assert on_ray["models"] == local["models"] and sorted(local["models"]) == ["convnet-nn",
+                                                                               "mlp"]

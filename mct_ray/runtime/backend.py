@@ -56,8 +56,8 @@ class RayBackend:
                 self.trained[i], self.nodes[i] = ref, value["node_id"]
                 yield expert_from_numpy(value, self.ctx.spec)
 
-    def submit_eval(self, syn: SyntheticSet, tag: str) -> RayEval:
-        return self.evals.submit(syn, tag)
+    def submit_eval(self, syn: SyntheticSet, tag: str, model: str | None = None) -> RayEval:
+        return self.evals.submit(syn, tag, model)
 
     def expert_refs(self, experts: Storage, full: bool | None = None) -> list[ray.ObjectRef]:
         """The run's trajectories (full ones with `full`, default: what its method reads) in

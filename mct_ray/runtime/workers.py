@@ -36,13 +36,15 @@ def train_expert_task(cfg: Config, data: dict, expert_id: int) -> dict:
     return {**expert_to_numpy(result, ctx.spec), "node_id": node_id()}
 
 
-def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int) -> float:
-    """Train evaluation network `index` on a snapshot; its test accuracy."""
+def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int,
+                  model: str | None = None) -> float:
+    """Train evaluation network `index` (of `model`, default the distillation's) on a
+    snapshot; its test accuracy."""
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.eval_num_cpus)
     syn = synthetic_from_numpy(snapshot)
     return train_and_test(cfg, ctx.spec, syn, ctx.data.test_x, ctx.data.test_y,
                           eval_seed(cfg.seed, tag, syn.iteration, index), ctx.device,
-                          ctx.builtin)
+                          ctx.builtin, model)
 
 
 @dataclass
@@ -68,9 +70,11 @@ class RayEvals:
         self.task = ray.remote(evaluate_task).options(
             num_cpus=r.eval_num_cpus, num_gpus=r.eval_num_gpus, max_retries=r.eval_retries)
 
-    def submit(self, syn: SyntheticSet, tag: str) -> RayEval:
+    def submit(self, syn: SyntheticSet, tag: str, model: str | None = None) -> RayEval:
+        """One task per network: eval.num_eval of the distillation's architecture, or of
+        `model`."""
         snapshot = ray.put(synthetic_to_numpy(syn))
-        return RayEval([self.task.remote(self.cfg, self.data_ref, snapshot, tag, i)
+        return RayEval([self.task.remote(self.cfg, self.data_ref, snapshot, tag, i, model)
                         for i in range(self.cfg.eval.num_eval)])
 
 
