@@ -73,7 +73,7 @@ def curve_png(rows: list[dict], summary: dict, cfg) -> bytes:
                    label=f"other random real images, step size {cfg.expert.lr:g} (Random)")
     ax.set_xlabel("distillation iteration")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{summary['dataset']}, ipc {summary['ipc']}: mean +- std of "
+    ax.set_title(f"{summary['dataset']}, ipc {summary['ipc']}: mean ± std of "
                  f"{cfg.eval.num_eval} networks")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)

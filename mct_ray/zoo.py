@@ -2,8 +2,10 @@
 benchmark family defines them: ConvNet and its variants, ResNet-18, VGG-11, AlexNet, MLP.
 
 Each is an `nn.Module` built by `build(name, channels, num_classes, resolution, seed)` for
-inputs of 8x8 to 64x64 (pooling stops at 1 pixel; ResNet and VGG end in a global average
-over what is left). "Instance norm" is GroupNorm(c, c) with affine parameters, as in that
+inputs of 8x8 to 64x64. At the papers' sizes they are the papers' networks; on smaller
+inputs a downsampling (pool or stride) is skipped where it would leave a convolution's
+normalisation a single pixel (instance norm of one pixel is zero: the network would output a
+constant), and ResNet and VGG end in a global average over what is left. "Instance norm" is GroupNorm(c, c) with affine parameters, as in that
 family's code. `convnet` here is the same network as the distillation's `nets.ConvNet`
 (tested), built as a module.
 """
@@ -65,8 +67,10 @@ def resnet18(channels: int, num_classes: int, resolution: int, norm: str = "inst
              ) -> nn.Module:
     """The CIFAR-style ResNet-18 of DC/DSA (3x3 stem, no stem pooling), global average."""
     layers = [nn.Conv2d(channels, 64, 3, 1, 1, bias=False), _norm(norm, 64), nn.ReLU()]
-    c_in = 64
+    c_in, side = 64, resolution
     for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        stride = stride if side >= 4 else 1  # keep every normalised plane at 2x2 or more
+        side = (side + 1) // stride if stride > 1 else side
         layers += [_Block(c_in, c_out, stride, norm), _Block(c_out, c_out, 1, norm)]
         c_in = c_out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -76,9 +80,10 @@ def resnet18(channels: int, num_classes: int, resolution: int, norm: str = "inst
 def vgg11(channels: int, num_classes: int, resolution: int, norm: str = "instancenorm"
           ) -> nn.Module:
     layers, side, c_in = [], resolution, channels
-    for i, v in enumerate((64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")):
-        if v == "M":
-            if side >= 2:
+    plan = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+    for i, v in enumerate(plan):
+        if v == "M":  # the last pool may reach 1 pixel; earlier ones leave 2x2 for the norms
+            if side >= (2 if i == len(plan) - 1 else 4):
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
             continue
