@@ -215,6 +215,15 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{'distill': {'ipc': 1}} or {'distill.ipc': 1} -> {'distill.ipc': 1} (`_nest` undone)."""
+    out = {}
+    for key, v in values.items():
+        full = f"{prefix}{key}"
+        out.update(flatten(v, full + ".") if isinstance(v, dict) else {full: v})
+    return out
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():

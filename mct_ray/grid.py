@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from mct_ray.config import Config, is_config_file, load_config, parse_overrides
+from mct_ray.config import Config, flatten, is_config_file, load_config, parse_overrides
 from mct_ray.errors import ConfigError
 
 METHODS = ("mct", "mtt")
@@ -114,22 +114,13 @@ def _spec_text(name: str) -> str:
                       "or give a .yaml grid file)")
 
 
-def _flatten(value: dict, prefix: str = "") -> dict[str, Any]:
-    """{'distill': {'ipc': 1}} or {'distill.ipc': 1} -> {'distill.ipc': 1}."""
-    out = {}
-    for key, v in value.items():
-        full = f"{prefix}{key}"
-        out.update(_flatten(v, full + ".") if isinstance(v, dict) else {full: v})
-    return out
-
-
 def _flat(where: str, value: Any) -> dict[str, Any]:
     """Overrides as flat dotted keys; none of them may set what a cell sets itself."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ConfigError(f"grid key '{where}' must be a mapping of config keys to values")
-    out = _flatten(value)
+    out = flatten(value)
     for key in out:
         if key in CELL_KEYS:
             place = where if where.startswith("the ") else f"grid key '{where}'"
@@ -305,7 +296,7 @@ def describe_difference(a: Grid, b: Grid) -> str | None:
     if a.eval_workers != b.eval_workers:
         return f"eval_workers {a.eval_workers} != {b.eval_workers}"
     for cid, cell in ca.items():
-        fa, fb = _flatten(cell.cfg.to_dict()), _flatten(cb[cid].cfg.to_dict())
+        fa, fb = flatten(cell.cfg.to_dict()), flatten(cb[cid].cfg.to_dict())
         keys = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
         if keys:
             return f"cell {cid}: {keys[0]} = {fa.get(keys[0])!r} != {fb.get(keys[0])!r}"

@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass
 
 from mct_ray import storage as layout
-from mct_ray.config import Config
-from mct_ray.errors import ConfigError, StorageError
+from mct_ray.config import Config, flatten
+from mct_ray.errors import ConfigError, MctRayError, StorageError
 from mct_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class RunLock:
         try:
             holder = json.loads(store.read_bytes(layout.LOCK))
             return holder if isinstance(holder, dict) else {}
-        except (ValueError, StorageError, OSError):
+        except (ValueError, MctRayError, OSError):  # DataError: removed meanwhile
             return {}  # unreadable or gone meanwhile: treated as held by someone unknown
 
     @classmethod
@@ -103,18 +103,8 @@ class RunLock:
             self.store.delete(layout.LOCK)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _first_difference(stored: dict, given: dict, keys: tuple[str, ...] | None) -> str | None:
-    a, b = _flat(stored), _flat(json.loads(json.dumps(given)))
+    a, b = flatten(stored), flatten(json.loads(json.dumps(given)))
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUME_FREE) or (keys and (not key.startswith(keys)
                                                      or key.startswith(EXPERT_FREE))):

@@ -15,12 +15,11 @@ import ray
 from mct_ray import storage as layout
 from mct_ray.distill import SyntheticSet
 from mct_ray.experts import ExpertResult
-from mct_ray.loop import DistillOutcome, run_distillation
-from mct_ray.pipeline import Context, load_expert, make_distiller
+from mct_ray.loop import DistillOutcome
+from mct_ray.pipeline import Context, load_expert
 from mct_ray.runtime import workers
+from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
 from mct_ray.runtime.workers import RayEval, RayEvals
-from mct_ray.runtime.codec import (data_to_numpy, expert_from_numpy, trajectory_from_numpy,
-                                   trajectory_to_numpy)
 from mct_ray.storage import Storage
 
 
@@ -75,10 +74,8 @@ class RayBackend:
                 started: float) -> DistillOutcome:
         refs = self.expert_refs(experts)
         if self.loop_here:
-            trajectories = [trajectory_from_numpy(d, self.ctx.spec, self.cfg.needs_full)
-                            for d in ray.get(refs)]
-            return run_distillation(self.ctx, store, make_distiller(self.ctx, trajectories),
-                                    self.submit_eval, resume, run_id, started)
+            return workers.distill_from_refs(self.ctx, store, refs, self.submit_eval, resume,
+                                             run_id, started)
         r = self.cfg.ray
         actor = ray.remote(workers.DistillWorker).options(
             name=f"mct-ray-distill-{run_id[:12]}", num_cpus=r.distill_num_cpus,

@@ -267,9 +267,8 @@ def run_grid(spec: str | None, overrides: list[str], out: str, resume: bool) -> 
     finally:
         disconnect(started_ray)
         lock.release()
-    rows = [store.read_json(f"{layout.grid_cell(c.id)}/{layout.CELL_DONE}")
-            for c in grid.cells
-            if store.exists(f"{layout.grid_cell(c.id)}/{layout.CELL_DONE}")]
+    rows = [store.read_json(f"{layout.grid_cell(cell)}/{layout.CELL_DONE}")
+            for cell in _status(grid, store)["done"]]
     failed.update({c.id: "did not finish" for c in grid.cells if c.id not in failed
                    and not any(r["cell"] == c.id for r in rows)})
     table = summary_table(rows) if rows else "(no cell finished)"

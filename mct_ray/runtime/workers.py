@@ -78,6 +78,16 @@ class RayEvals:
                         for i in range(self.cfg.eval.num_eval)])
 
 
+def distill_from_refs(ctx: Context, store: Storage, expert_refs: list, submit, resume: bool,
+                      run_id: str, started: float):
+    """The distillation loop on trajectories mapped zero-copy from the object store, in
+    this process (the actor below, or a grid trial)."""
+    trajectories = [trajectory_from_numpy(d, ctx.spec, ctx.cfg.needs_full)
+                    for d in ray.get(expert_refs)]
+    return run_distillation(ctx, store, make_distiller(ctx, trajectories), submit, resume,
+                            run_id, started)
+
+
 class DistillWorker:
     """Runs the core distillation loop on trajectories read zero-copy from the object store.
 
@@ -95,12 +105,10 @@ class DistillWorker:
         actor unresolved, so it (not Ray's argument passing) decides when to map them."""
         ctx = Context.from_data(self.cfg, data_from_numpy(ray.get(refs["data"])),
                                 self.cfg.ray.distill_num_cpus)
-        trajectories = [trajectory_from_numpy(d, ctx.spec, self.cfg.needs_full)
-                        for d in ray.get(refs["experts"])]
         restarted = checkpoint_run_id(self.store) == self.run_id
         if restarted:
             log.warning("distillation actor restarted: resuming from its last checkpoint")
-        outcome = run_distillation(ctx, self.store, make_distiller(ctx, trajectories),
-                                   RayEvals(self.cfg, refs["data"]).submit,
-                                   resume or restarted, self.run_id, started)
+        outcome = distill_from_refs(ctx, self.store, refs["experts"],
+                                    RayEvals(self.cfg, refs["data"]).submit,
+                                    resume or restarted, self.run_id, started)
         return vars(outcome)
