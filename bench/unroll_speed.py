@@ -125,7 +125,7 @@ def one_iteration(mode: str, p: Problem, autocast: str = "none"
     if mode == "reference":
         reference_iteration(p, x, lr)
         return x.grad, lr.grad
-    student = Student(p.spec, p.labels, p.aug, autocast, BUILTIN[0])
+    student = Student(p.spec, p.labels, p.aug, autocast, KERNELS[0])
     # checkpoint: the library's default (one step per segment); checkpoint-sqrt: round(sqrt N)
     segments = round(len(p.plans) ** 0.5) if mode == "checkpoint-sqrt" else 0
     GRAD_MODES[GRAD_MODE_OF[mode]](student, x, lr, p.seg, p.plans,
@@ -134,8 +134,9 @@ def one_iteration(mode: str, p: Problem, autocast: str = "none"
 
 
 # --kernels builtin: our modes with PyTorch's own ops and double backward (cuDNN's on a GPU)
-# instead of the hand-written ones; set once per process from the arguments.
-BUILTIN = [False]
+# instead of the hand-written ones; generic: through functional_call over zoo's convnet. Set
+# once per process from the arguments.
+KERNELS = ["fast"]
 WIDTH = [128]  # --width: the ConvNet's width (128 in every paper; smaller for dry runs)
 
 
@@ -301,8 +302,9 @@ def parse_args(argv=None):
     parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
                         help="our modes only (the reference stays float32); meant for "
                              "GPUs, on a CPU it emulates bf16's numerics (slowly)")
-    parser.add_argument("--kernels", choices=("fast", "builtin"), default="fast",
-                        help="our modes' ops: hand-written double backward, or PyTorch's")
+    parser.add_argument("--kernels", choices=("fast", "builtin", "generic"), default="fast",
+                        help="our modes' ops: hand-written double backward, PyTorch's, or "
+                             "the generic functional_call path")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--modes", nargs="+", choices=MODES[1:], default=list(MODES[1:]))
     parser.add_argument("--warmup-steps", type=int, default=10**9,
@@ -322,7 +324,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
-    BUILTIN[0], WIDTH[0] = args.kernels == "builtin", args.width
+    KERNELS[0], WIDTH[0] = args.kernels, args.width
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -346,7 +348,7 @@ def main() -> None:
                  rounds=args.repeats, date=time.strftime("%Y-%m-%d"),
                  device_name=device_name(args.device))
     name = f"unroll_speed_{args.shape}_{args.device}" + \
-        ("_builtin" if args.kernels == "builtin" else "")
+        ("" if args.kernels == "fast" else f"_{args.kernels}")
     save_table(name, rows)
     plot(rows, args, name)
     report(args, rows, floor, peak)
@@ -462,13 +464,13 @@ def _ablations() -> dict[str, tuple]:
             ("mct_ray.nets.instance_norm",
              lambda x, w, b: F.group_norm(x, x.shape[1], w, b, eps=1e-5)))),
         "- conv 2nd derivative": ("unroll", patched(
-            ("mct_ray.nets.conv3x3", lambda x, w, b: F.conv2d(x, w, b, padding=1)))),
+            ("mct_ray.nets.conv3x3", lambda x, w, b, pad=1: F.conv2d(x, w, b, padding=pad)))),
         "- pooling": ("unroll", patched(
             ("mct_ray.nets.avg_pool2", lambda x: F.avg_pool2d(x, 2)))),
         "- image gradient as GEMM + col2im": ("unroll", patched(
-            ("mct_ray.nets._FEW_CHANNELS", 0))),
+            ("mct_ray.fastops._FEW_CHANNELS", 0))),
         "- skip the inner image gradient": ("unroll", patched(
-            ("mct_ray.nets._engine_uses", lambda t: True))),
+            ("mct_ray.fastops._engine_uses", lambda t: True))),
         "- batch chunking": ("unroll", patched(("mct_ray.distill.CPU_CHUNK_BYTES", 2**62))),
         "+ channels_last (rejected)": ("unroll", patched(
             ("mct_ray.augment.Augmenter.apply", cl(Augmenter.apply)))),

@@ -19,6 +19,7 @@ from typing import Any, get_origin, get_type_hints
 
 import yaml
 
+from mct_ray import zoo
 from mct_ray.errors import ConfigError
 
 
@@ -50,7 +51,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
-    name: str = _f("convnet", choices=("convnet",))
+    name: str = _f("convnet", doc="convnet (the functional ConvNet), any other network of "
+                   "mct_ray.zoo (resnet18, vgg11, convnet-bn, ...), or a factory "
+                   "'my_pkg.module:function' taking (channels, num_classes, resolution) and "
+                   "returning an nn.Module; width, depth and norm apply to the ConvNets")
     width: int = _f(128, lo=1, hi=4096)
     depth: int = _f(0, lo=0, hi=8, doc="0 picks the depth from the resolution")
     norm: str = _f("instancenorm", choices=("instancenorm", "none"))
@@ -134,10 +138,11 @@ class RunConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     num_threads: int = _f(0, lo=0, hi=1024, doc="torch threads; 0 leaves torch's default")
     progress: bool = _f(True)
-    kernels: str = _f("auto", choices=("auto", "fast", "builtin"),
+    kernels: str = _f("auto", choices=("auto", "fast", "builtin", "generic"),
                       doc="the ConvNet's ops: fast (hand-written double backward, tuned on "
-                      "CPU), builtin (F.conv2d/group_norm/avg_pool2d: cuDNN's on a GPU); "
-                      "auto: fast on CPU, builtin elsewhere")
+                      "CPU), builtin (F.conv2d/group_norm/avg_pool2d: cuDNN's on a GPU), "
+                      "generic (torch.func.functional_call over zoo's convnet module, the "
+                      "path every other network takes); auto: fast on CPU, builtin elsewhere")
     data_on_device: bool = _f(True, doc="keep the data set on the GPU when it takes under "
                               "half of its free memory")
     tf32: bool = _f(False, doc="TF32 matmuls and convolutions on NVIDIA GPUs")
@@ -296,6 +301,9 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 def _check_cross(cfg: Config) -> None:
     """Constraints that involve more than one key."""
     d, e = cfg.distill, cfg.expert
+    zoo.check_name(cfg.net.name, "net.name")
+    for name in cfg.eval.models:
+        zoo.check_name(name, "eval.models")
     if d.method == "mtt":
         for key, v in (("distill.max_start_epoch", d.max_start_epoch),
                        ("distill.expert_epochs", d.expert_epochs)):

@@ -137,7 +137,7 @@ CPU_CHUNK_BYTES = 16 * 2**20
 
 def num_chunks(spec: NetSpec, x: torch.Tensor) -> int:
     """How many pieces the student's batch x (B, C, H, W) is split into (1 off the CPU)."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or not spec.functional:  # batch norm needs the whole batch
         return 1
     per_sample = spec.width * x.shape[-2] * x.shape[-1] * x.element_size()
     return min(len(x), math.ceil(len(x) * per_sample / CPU_CHUNK_BYTES))
@@ -147,9 +147,9 @@ class Student:
     """The student's SGD step as a function of (parameters, images, step size)."""
 
     def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter,
-                 autocast: str = "none", builtin: bool = False):
+                 autocast: str = "none", kernels: str = "fast"):
         self.spec, self.labels, self.aug, self.autocast = spec, labels, aug, autocast
-        self.builtin = builtin
+        self.kernels = kernels
 
     def loss(self, params: list[torch.Tensor], images: torch.Tensor, plan: StepPlan
              ) -> torch.Tensor:
@@ -161,7 +161,7 @@ class Student:
         total = 0.0
         for xc, yc in zip(x.tensor_split(pieces), y.tensor_split(pieces)):
             with torch.autocast(x.device.type, torch.bfloat16, enabled=use_bf16):
-                logits = self.spec.forward(params, xc, self.builtin)
+                logits = self.spec.forward(params, xc, self.kernels)
             logits = logits.to(params[-1].dtype)  # the loss in the parameters' precision
             total = total + F.cross_entropy(logits, yc, reduction="sum")
         return total / len(x)
@@ -276,7 +276,7 @@ class Distiller:
 
     def __init__(self, spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
                  labels: torch.Tensor, cfg: DistillConfig, aug: Augmenter, seed: int,
-                 device: str = "cpu", builtin: bool = False):
+                 device: str = "cpu", kernels: str = "fast"):
         if not trajectories:
             raise FormatError("no expert trajectories to distill from")
         self.spec, self.trajectories, self.cfg, self.seed = spec, trajectories, cfg, seed
@@ -286,7 +286,7 @@ class Distiller:
         self.step_size = torch.tensor(cfg.lr_teacher, device=device).requires_grad_()
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
-        self.student = Student(spec, self.labels, aug, cfg.autocast, builtin)
+        self.student = Student(spec, self.labels, aug, cfg.autocast, kernels)
         self.iteration = 0
         self.bad_streak = 0
 

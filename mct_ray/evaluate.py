@@ -18,7 +18,7 @@ from mct_ray.config import AugmentConfig, Config
 from mct_ray.data import ImageData
 from mct_ray.distill import SyntheticSet, init_synthetic
 from mct_ray.experts import accuracy, train_epoch
-from mct_ray.nets import ConvNet, NetSpec
+from mct_ray.nets import NetSpec
 from mct_ray import zoo
 from mct_ray.rng import derive_seed, generator
 
@@ -38,13 +38,13 @@ class EvalResult:
 
 def train_and_test(cfg: Config, spec: NetSpec, syn: SyntheticSet, test_x: torch.Tensor,
                    test_y: torch.Tensor, seed: int, device: str = "cpu",
-                   builtin: bool = False, model: str | None = None) -> float:
+                   kernels: str = "fast", model: str | None = None) -> float:
     """Train one fresh network (the distillation's, or `model` of the zoo) on the synthetic
     set and return its test accuracy."""
     e = cfg.eval
     init = derive_seed(seed, "eval-init")
     if model is None:
-        net = ConvNet(spec, spec.init_params(torch.Generator().manual_seed(init)), builtin)
+        net = spec.module(spec.init_params(torch.Generator().manual_seed(init)), kernels)
     else:
         net = zoo.build(model, spec.channels, spec.num_classes, spec.resolution, init,
                         spec.width, spec.depth, spec.norm)
@@ -67,12 +67,12 @@ def eval_seed(seed: int, tag: str, iteration: int, index: int) -> int:
 
 
 def evaluate(cfg: Config, spec: NetSpec, data: ImageData, syn: SyntheticSet, tag: str = "syn",
-             device: str = "cpu", builtin: bool = False, model: str | None = None
+             device: str = "cpu", kernels: str = "fast", model: str | None = None
              ) -> EvalResult:
     """eval.num_eval fresh networks trained on `syn`, seeded by its iteration and `tag`."""
     return EvalResult(tuple(
         train_and_test(cfg, spec, syn, data.test_x, data.test_y,
-                       eval_seed(cfg.seed, tag, syn.iteration, i), device, builtin, model)
+                       eval_seed(cfg.seed, tag, syn.iteration, i), device, kernels, model)
         for i in range(cfg.eval.num_eval)))
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from mct_ray.augment import Augmenter
 from mct_ray.config import ExpertConfig
 from mct_ray.data import ImageData
-from mct_ray.nets import ConvNet, NetSpec
+from mct_ray.nets import NetSpec
 from mct_ray.rng import derive_seed, generator
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, beta_from_step_norms, flatten
 
@@ -47,7 +47,7 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
     return correct / len(x)
 
 
-def train_epoch(net: ConvNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def train_epoch(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 batch: int, aug: Augmenter, gen: torch.Generator) -> float:
     """One pass over (x, y) in shuffled minibatches; returns the mean loss."""
     device = next(net.parameters()).device
@@ -82,10 +82,11 @@ def anchor_points(cfg: ExpertConfig, snapshots: dict[int, torch.Tensor]) -> torc
 
 
 def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augmenter, seed: int,
-                 expert_id: int, device: str = "cpu", builtin: bool = False) -> ExpertResult:
+                 expert_id: int, device: str = "cpu", kernels: str = "fast") -> ExpertResult:
     theta_seed = init_seed(seed, expert_id)
-    net = ConvNet(spec, spec.init_params(torch.Generator().manual_seed(theta_seed)),
-                  builtin).to(device)
+    net = spec.module(spec.init_params(torch.Generator().manual_seed(theta_seed)),
+                      kernels).to(device)
+    params = list(net.parameters())  # in spec.param_shapes() order
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     gen = generator(seed, "expert-batches", expert_id)
@@ -93,16 +94,16 @@ def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augment
     kept = set(smoothing_epochs(cfg) or anchor_epochs)  # the epochs the anchors are made of
 
     def snapshot() -> torch.Tensor:
-        return flatten([p.detach() for p in net.params]).cpu().clone()
+        return flatten([p.detach() for p in params]).cpu().clone()
 
-    prev = [p.detach().clone() for p in net.params]
+    prev = [p.detach().clone() for p in params]
     snapshots = {0: snapshot()}
     checkpoints = [snapshots[0]] if cfg.keep_full else []
     step_norms = torch.zeros(cfg.epochs, len(prev), dtype=torch.float64)  # (K, T)
     for epoch in range(cfg.epochs):
         loss = train_epoch(net, opt, data.train_x, data.train_y, cfg.batch, aug, gen)
         with torch.no_grad():
-            for i, (p, q) in enumerate(zip(net.params, prev)):
+            for i, (p, q) in enumerate(zip(params, prev)):
                 step_norms[epoch, i] = torch.linalg.vector_norm((p - q).double())
                 q.copy_(p)
         if epoch + 1 in kept:

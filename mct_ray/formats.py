@@ -90,10 +90,25 @@ def _check_spec(name: str, found: NetSpec, expected: NetSpec | None) -> None:
 
 
 def _spec_from(meta: dict, name: str) -> NetSpec:
+    """The network a file was written for. The description holds the spec, the factory's
+    arguments and every parameter's name and shape (`NetSpec.describe`); the parameters are
+    checked against the network the spec builds now, so a factory whose code changed since
+    is named rather than loaded into the wrong layout."""
     try:
-        return NetSpec.from_dict(meta["net"])
-    except (KeyError, TypeError):
+        described = dict(meta["net"])
+        stored = described.pop("parameters", None)
+        described.pop("arguments", None)
+        spec = NetSpec.from_dict(described)
+    except (KeyError, TypeError, ValueError):
         raise FormatError(f"{name}: missing or malformed network description") from None
+    if stored is not None:
+        now = [[n, list(s)] for n, s in spec.param_shapes()]
+        if stored != now:
+            first = next((f"{a} != {b}" for a, b in zip(stored, now) if a != b),
+                         f"{len(stored)} tensors != {len(now)}")
+            raise FormatError(f"{name}: written for a {spec.name} with other parameters than "
+                              f"{spec.name} builds now ({first})")
+    return spec
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,7 +117,7 @@ def _spec_from(meta: dict, name: str) -> NetSpec:
 def save_trajectory(traj: Trajectory, init_seed: int | None = None) -> bytes:
     """Serialise a trajectory. With `init_seed` (convex only), theta(0) is stored as the
     seed that regenerates it plus a checksum of its bytes, instead of the tensor itself."""
-    meta: dict[str, Any] = {"net": traj.spec.to_dict(), "info": traj.info}
+    meta: dict[str, Any] = {"net": traj.spec.describe(), "info": traj.info}
     if isinstance(traj, FullTrajectory):
         meta["kind"] = "full"
         return pack(TRAJECTORY, {"checkpoints": traj.checkpoints}, meta)
@@ -163,7 +178,7 @@ def _regenerate_init(spec: NetSpec, meta: dict, name: str) -> torch.Tensor:
 
 def save_synthetic(syn: SyntheticSet, spec: NetSpec) -> bytes:
     return pack(SYNTHETIC, {"images": syn.images.float(), "labels": syn.labels.long()},
-                {"net": spec.to_dict(), "step_size": float(syn.step_size), "info": syn.info})
+                {"net": spec.describe(), "step_size": float(syn.step_size), "info": syn.info})
 
 
 def load_synthetic(data: bytes, name: str, expected: NetSpec | None = None) -> SyntheticSet:

@@ -1,28 +1,47 @@
-"""ConvNet family (as in DC/DSA/MTT) with a functional forward over a list of tensors.
+"""The networks as pure functions of their parameters: the student unroll differentiates
+`NetSpec.forward(params, x, kernels)`; `NetSpec.module(params, kernels)` is the same network as
+an nn.Module, for expert training and evaluation. Parameter names and order are stable
+(`blocks.{i}.conv.weight`, ...); trajectories are matched by them.
 
-The student unroll in distillation needs the network as a pure function of its parameters;
-`NetSpec.forward(params, x)` is that function, and `ConvNet` (an nn.Module) calls the same
-function with its own parameters, so both paths share one definition. Parameter names and
-order are stable (`blocks.{i}.conv.weight`, ...), which is what trajectories are matched by.
+Two paths, chosen by the network and `run.kernels`:
+    convnet  the DC/DSA/MTT ConvNet written out as a function of a list of tensors, with the
+             hand-written double backward of fastops.py (`fast`) or PyTorch's ops (`builtin`)
+    generic  any network of the zoo (`resnet18`, `vgg11`, `convnet-bn`, ...) or a user's
+             factory (`my_pkg.nets:make_net`) through torch.func.functional_call over the
+             module's parameters. Batch norm normalises with the statistics of the current
+             batch and keeps no running statistics in the unroll, as in the authors' code
+             (its student runs in train mode); experts and evaluation networks train the
+             module as usual. `run.kernels=generic` sends the ConvNet this way too (zoo's
+             convnet has the same parameter names): that is how the two are checked.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
+from mct_ray import zoo
 from mct_ray.config import NetConfig
 from mct_ray.errors import ConfigError
+from mct_ray.fastops import EPS, avg_pool2, conv3x3, instance_norm
+
+# What run.kernels resolves to on a device (`resolve_kernels`).
+KERNELS = ("fast", "builtin", "generic")
 
 
 @dataclass(frozen=True)
 class NetSpec:
-    """Everything that fixes a network's parameter layout; stored in trajectory metadata."""
+    """Everything that fixes a network's parameter layout; stored in trajectory metadata.
+    `name` is `convnet` (the functional ConvNet), another zoo name, or `pkg.module:function`;
+    width, depth and norm are the ConvNets' (zoo variants follow them where their name does
+    not say otherwise)."""
 
     name: str
     channels: int
@@ -39,27 +58,64 @@ class NetSpec:
     def from_dict(cls, values: dict) -> "NetSpec":
         return cls(**values)
 
+    @property
+    def functional(self) -> bool:
+        """Whether the network has the written-out functional forward (the ConvNet)."""
+        return self.name == "convnet"
+
+    def describe(self) -> dict:
+        """The full description stored with trajectories and synthetic sets: the spec, the
+        factory's arguments and every parameter's name and shape."""
+        return {**self.to_dict(), "arguments": zoo.arguments(self.name, self.width,
+                                                             self.depth, self.norm),
+                "parameters": [[n, list(s)] for n, s in self.param_shapes()]}
+
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return ARCHITECTURES[self.name].param_shapes(self)
+        if self.functional:
+            return _convnet_shapes(self)
+        return [(n, tuple(p.shape)) for n, p in _template(self, "cpu").named_parameters()]
 
     def forward(self, params: Sequence[torch.Tensor], x: torch.Tensor,
-                builtin: bool = False) -> torch.Tensor:
-        """`builtin`: PyTorch's own ops and double backward (cuDNN's on a GPU) instead of
-        the hand-written ones; the same function, other kernels."""
-        return ARCHITECTURES[self.name].forward(self, params, x, builtin)
+                kernels: str = "fast") -> torch.Tensor:
+        """The network at `params` on x (B, C, H, W) -> logits (B, num_classes)."""
+        if self.functional and kernels != "generic":
+            return _convnet_forward(self, params, x, kernels == "builtin")
+        net = _template(self, str(x.device))
+        names = [n for n, _ in net.named_parameters()]
+        return functional_call(net, dict(zip(names, params)), (x,))
 
     def init_params(self, generator: torch.Generator) -> list[torch.Tensor]:
-        return ARCHITECTURES[self.name].init(self, generator)
+        """A fresh initialisation drawn from `generator` (the module's own init scheme)."""
+        if self.functional:
+            return _convnet_init(self, generator)
+        seed = int(torch.randint(2**31 - 1, (), generator=generator))
+        return [p.detach() for p in self.build(seed).parameters()]
+
+    def build(self, seed: int) -> nn.Module:
+        """The zoo's (or the factory's) module, initialised from `seed`."""
+        return zoo.build(self.name, self.channels, self.num_classes, self.resolution, seed,
+                         self.width, self.depth, self.norm)
+
+    def module(self, params: Sequence[torch.Tensor], kernels: str = "fast") -> nn.Module:
+        """An nn.Module holding a copy of `params` (expert training, evaluation); its
+        `parameters()` are in `param_shapes()` order."""
+        if self.functional and kernels != "generic":
+            return ConvNet(self, params, kernels == "builtin")
+        net = self.build(0)
+        with torch.no_grad():
+            for p, value in zip(net.parameters(), params, strict=True):
+                p.copy_(value)
+        return net
 
     @property
     def first_padding(self) -> int:
         """The first convolution's padding: 3 for one-channel 28x28 input (MNIST and
         Fashion-MNIST run at 32x32, as the DC/DSA/MTT ConvNet does), else 1."""
-        return 3 if self.channels == 1 and self.resolution == 28 else 1
+        return zoo.first_padding(self.channels, self.resolution)
 
     @property
     def feature_side(self) -> int:
-        """Side of the last block's output (after its pooling)."""
+        """Side of the ConvNet's last block's output (after its pooling)."""
         return (self.resolution + 2 * self.first_padding - 2) // 2 ** self.depth
 
     @property
@@ -67,11 +123,16 @@ class NetSpec:
         return sum(math.prod(s) for _, s in self.param_shapes())
 
 
-@dataclass(frozen=True)
-class Architecture:
-    param_shapes: Callable[[NetSpec], list[tuple[str, tuple[int, ...]]]]
-    forward: Callable[[NetSpec, Sequence[torch.Tensor], torch.Tensor, bool], torch.Tensor]
-    init: Callable[[NetSpec, torch.Generator], list[torch.Tensor]]
+@functools.lru_cache(maxsize=16)
+def _template(spec: NetSpec, device: str) -> nn.Module:
+    """The module functional_call runs for `spec`: batch norm without running statistics
+    (each batch normalised by its own), in train mode. Its own parameters are never used."""
+    net = spec.build(0)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return net.to(device).train().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,7 +163,7 @@ def _convnet_forward(spec: NetSpec, params: Sequence[torch.Tensor], x: torch.Ten
         if spec.norm == "instancenorm":
             # Instance norm with affine parameters, as GroupNorm(width, width) in MTT.
             w, b = next(it), next(it)
-            x = F.group_norm(x, spec.width, w, b, eps=_EPS) if builtin else \
+            x = F.group_norm(x, spec.width, w, b, eps=EPS) if builtin else \
                 instance_norm(x, w, b)
         x = F.avg_pool2d(F.relu(x), 2) if builtin else avg_pool2(F.relu(x))
     return F.linear(x.flatten(1), next(it), next(it))
@@ -124,268 +185,40 @@ def _convnet_init(spec: NetSpec, gen: torch.Generator) -> list[torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Conv, instance norm and 2x2 average pooling with hand-written derivatives.
-#
-# Distillation differentiates the student's gradient (double backward). These ops compute
-# the same bits whether or not autograd records a graph (the first backward is one Function
-# either way), so a step replayed with create_graph=True equals the step computed without.
-# Conv and norm call the same native kernels as F.conv2d / F.group_norm in the forward pass
-# and the first backward; the backward of the backward is ours, for speed (bench/NOTES.md):
-#   group norm: autograd's infinitely differentiable composite writes ~15 full-size
-#     temporaries per call; ours needs 4 and three per-plane reductions.
-#   conv: autograd computes d(grad_weight)/d(input) as a convolution with batch and channels
-#     swapped, ~3x slower than the native weight-gradient kernel that we call instead; the
-#     gradient w.r.t. a few-channel input (the images) is one GEMM and a col2im.
-#   pool: two strided adds forward, its adjoint backward (no zero fill).
-
-_EPS = 1e-5
-
-
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int = 1
-            ) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=padding)."""
-    low = _autocast_dtype(x)
-    if low is None:
-        return _Conv3x3.apply(x, weight, bias, padding)
-    # Under autocast, cast outside the Function so that the casts are on the graph (the
-    # double backward must reach x and weight), then run at that precision.
-    with torch.autocast(x.device.type, enabled=False):
-        return _Conv3x3.apply(x.to(low), weight.to(low), bias.to(low), padding)
-
-
-def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """F.group_norm(x, channels, weight, bias, eps=1e-5): each (sample, channel) plane."""
-    if _autocast_dtype(x) is None:
-        return _InstanceNorm.apply(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):  # normalisation stays in float32
-        return _InstanceNorm.apply(x.float(), weight.float(), bias.float())
-
-
-def avg_pool2(x: torch.Tensor) -> torch.Tensor:
-    """F.avg_pool2d(x, 2): the mean of each 2x2 block (odd sizes drop the last row/column)."""
-    return _AvgPool2.apply(x)
-
-
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
-def _engine_uses(t: torch.Tensor) -> bool:
-    """Whether the backward pass running now propagates a gradient into t."""
-    try:
-        node = torch.autograd.graph.get_gradient_edge(t).node
-        return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError):  # private API gone or no pass running: be safe
-        return True
-
-
-def _conv_backward(grad_out, x, weight, mask, pad):
-    # (grad wrt x of conv(x, weight), grad wrt weight, grad wrt bias), each where mask says.
-    grad_x = None
-    if mask[0] and x.shape[1] <= _FEW_CHANNELS:
-        grad_x, mask = _conv_grad_input_gemm(grad_out, weight, x.shape, pad), (False, *mask[1:])
-    grads = torch.ops.aten.convolution_backward(
-        grad_out, x, weight, [weight.shape[0]], [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
-        list(mask))
-    return (grads[0] if grad_x is None else grad_x, grads[1], grads[2])
-
-
-# The gradient w.r.t. an input of few channels (the images) as one GEMM and a col2im: on
-# CPU, oneDNN's kernel for 128 -> 3 channels runs at a quarter of the GEMM's speed.
-_FEW_CHANNELS = 4
-
-
-def _conv_grad_input_gemm(grad_out, weight, x_shape, pad):
-    n, c_out, h, w = grad_out.shape
-    cols = torch.matmul(weight.reshape(c_out, -1).t(), grad_out.reshape(n, c_out, h * w))
-    return F.fold(cols, tuple(x_shape[-2:]), 3, padding=pad)  # (N, C_in, H, W)
-
-
-class _Conv3x3(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, pad):
-        ctx.save_for_backward(x, weight)
-        ctx.pad = pad
-        return F.conv2d(x, weight, bias, padding=pad)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # The student's inner gradient is w.r.t. the parameters only: the first layer's
-        # input (the images) requires grad for the outer pass, not for this one.
-        need_x = need_x and _engine_uses(x)
-        return (*_Conv3x3Backward.apply(grad_out, x, weight, (need_x, need_w, need_b), ctx.pad),
-                None)
-
-
-class _Conv3x3Backward(torch.autograd.Function):
-    """(gy, x, W) -> (gx, gW, gb); linear in gy, and in x and W separately."""
-
-    @staticmethod
-    def forward(ctx, grad_out, x, weight, mask, pad):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_out, x, weight)
-        ctx.pad = pad
-        return _conv_backward(grad_out, x, weight, mask, pad)
-
-    @staticmethod
-    def backward(ctx, g_gx, g_gw, g_gb):
-        # S = <g_gx, gx> + <g_gw, gW> + <g_gb, gb> with gx = conv^T(gy, W), gW = corr(x, gy),
-        # gb = sum(gy):  dS/dgy = conv(g_gx, W) + conv(x, g_gw) + g_gb,
-        #                dS/dW = corr(g_gx, gy),  dS/dx = conv^T(gy, g_gw).
-        grad_out, x, weight = ctx.saved_tensors
-        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
-        pad = ctx.pad
-        d_gy = d_x = d_w = None
-        if need_gy:
-            if g_gw is not None or g_gb is not None:
-                d_gy = F.conv2d(x, torch.zeros_like(weight) if g_gw is None else g_gw, g_gb,
-                                padding=pad)
-            if g_gx is not None:
-                term = F.conv2d(g_gx, weight, padding=pad)
-                d_gy = term if d_gy is None else d_gy.add_(term)
-        mask = (need_x and g_gw is not None, need_w and g_gx is not None, False)
-        if any(mask):
-            d_x, d_w, _ = _conv_backward(grad_out, x if g_gx is None else g_gx,
-                                         weight if g_gw is None else g_gw, mask, pad)
-        return d_gy, d_x, d_w, None, None
-
-
-def _pool2(x: torch.Tensor) -> torch.Tensor:
-    # Two strided adds: 4x faster on CPU than F.avg_pool2d's kernel (bench/NOTES.md).
-    h, w = x.shape[-2] // 2, x.shape[-1] // 2
-    rows = x[..., 0:2 * h:2, :2 * w] + x[..., 1:2 * h:2, :2 * w]  # (N, C, h, 2w)
-    return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)
-
-
-def _unpool2(g: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # The adjoint of _pool2: each value / 4 into its 2x2 block, zeros where it dropped.
-    n, c, h, w = g.shape
-    up = (g * 0.25).repeat_interleave(2, dim=3)  # (N, C, h, 2w)
-    up = up[:, :, :, None, :].expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
-    if tuple(size) != (2 * h, 2 * w):
-        up = F.pad(up, (0, size[1] - 2 * w, 0, size[0] - 2 * h))
-    return up
-
-
-class _AvgPool2(torch.autograd.Function):
-    """Linear, so its backward is its adjoint _Unpool2 and vice versa, to any order."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.size = tuple(x.shape[-2:])
-        return _pool2(x)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _Unpool2.apply(grad_out, ctx.size)
-
-
-class _Unpool2(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, size):
-        return _unpool2(g, size)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _AvgPool2.apply(grad_out), None
-
-
-class _InstanceNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        n, c, h, w = x.shape
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, c, _EPS)
-        ctx.save_for_backward(x, weight, mean, rstd)  # mean, rstd: (N, C)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, mean, rstd = ctx.saved_tensors
-        return _InstanceNormBackward.apply(grad_out, x, weight, mean, rstd)
-
-
-class _InstanceNormBackward(torch.autograd.Function):
-    """(gy, x, w) -> (gx, gw, gb). Per plane, with xh = (x - mean) * rstd, a = mean(gy),
-    c = mean(gy xh):  gx = w rstd (gy - a - xh c),  gw = sum_n M c,  gb = sum_n M a."""
-
-    @staticmethod
-    def forward(ctx, grad_out, x, weight, mean, rstd):
-        n, c, h, w = x.shape
-        ctx.save_for_backward(grad_out, x, weight, mean, rstd)
-        return tuple(torch.ops.aten.native_group_norm_backward(
-            grad_out, x, mean, rstd, weight, n, c, h * w, c, [True, True, True]))
-
-    @staticmethod
-    def backward(ctx, g_gx, g_gw, g_gb):
-        gy, x, weight, mean, rstd = ctx.saved_tensors
-        n, c, h, w = x.shape
-        mean, rstd = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
-        wr = rstd * weight[:, None, None]
-        xh = (x - mean).mul_(rstd)
-        scratch = torch.empty_like(x)
-
-        def plane_mean(u, v):  # (N, C, 1, 1): mean of u * v over each plane
-            return torch.mul(u, v, out=scratch).mean((2, 3), keepdim=True)
-
-        a, c_ = gy.mean((2, 3), keepdim=True), plane_mean(gy, xh)
-        s_g = g_gx.mean((2, 3), keepdim=True)
-        s_gxh, s_gy = plane_mean(g_gx, xh), plane_mean(g_gx, gy)
-        del scratch
-        # S = <g_gx, gx> + <g_gw, gw> + <g_gb, gb>; d/dgy, d/dw directly; d/dx through xh
-        # and rstd: dS/dx = rstd (G - mean(G) - xh (mean(G xh) + mean(g_gx gx))), where
-        # G = dS/dxh at fixed rstd = gy alpha - g_gx w rstd c.
-        alpha = g_gw[:, None, None] - wr * s_gxh
-        inner = s_gy - a * s_g - c_ * s_gxh  # mean(g_gx (gy - a - xh c)) per plane
-        d_w = (rstd * inner).sum((0, 2, 3)) * (h * w)
-        wrc = wr * c_
-        mean_g = a * alpha - s_g * wrc
-        mean_g_xh = c_ * alpha - s_gxh * wrc
-        d_x = torch.mul(gy, rstd * alpha)
-        d_x.addcmul_(g_gx, -rstd * wrc).addcmul_(xh, -rstd * (mean_g_xh + wr * inner))
-        d_x.sub_(rstd * mean_g)
-        d_gy = xh.mul_(alpha).addcmul_(g_gx, wr).add_(g_gb[:, None, None] - wr * s_g)
-        return d_gy, d_x, d_w, None, None
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "convnet": Architecture(_convnet_shapes, _convnet_forward, _convnet_init),
-}
-
-
-def default_depth(resolution: int) -> int:
-    """MTT's choice: depth 3 at 32x32 (ConvNet), 4 at 64x64 (ConvNetD4); 2 at 8x8."""
-    return max(1, int(round(math.log2(resolution))) - 2)
-
-
 def make_spec(cfg: NetConfig, shape: tuple[int, int, int], num_classes: int) -> NetSpec:
+    """The network of `net.*` for images of `shape` (C, H, W); a network that cannot take
+    them (too deep for the resolution, a factory that fails) is a ConfigError here, before
+    any work."""
     channels, height, width = shape
     if height != width:
         raise ConfigError(f"net: images must be square, got {height}x{width}")
-    depth = cfg.depth or default_depth(height)
+    depth = cfg.depth or zoo.default_depth(height)
     spec = NetSpec(cfg.name, channels, height, num_classes, cfg.width, depth, cfg.norm)
-    if spec.feature_side < 1:
+    if spec.functional and spec.feature_side < 1:
         raise ConfigError(f"config key 'net.depth' must leave at least 1 pixel after pooling: "
                           f"depth {depth} at resolution {height}")
+    if not spec.functional:
+        zoo.check_fits(f"config key 'net.name' ({cfg.name})", _template(spec, "cpu"), shape,
+                       num_classes)
     return spec
 
 
 class ConvNet(nn.Module):
-    """nn.Module view of a NetSpec (used by expert training and evaluation)."""
+    """nn.Module view of the functional ConvNet (expert training and evaluation)."""
 
     def __init__(self, spec: NetSpec, params: Sequence[torch.Tensor], builtin: bool = False):
         super().__init__()
-        self.spec, self.builtin = spec, builtin
+        self.spec, self.kernels = spec, "builtin" if builtin else "fast"
         self.params = nn.ParameterList(nn.Parameter(p.clone()) for p in params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spec.forward(list(self.params), x, self.builtin)
+        return self.spec.forward(list(self.params), x, self.kernels)
 
 
-def builtin_kernels(kernels: str, device: str) -> bool:
-    """run.kernels on a device: whether the builtin ops run (auto: everywhere but the CPU,
-    where the hand-written double backward was measured faster; bench/NOTES.md)."""
-    return kernels == "builtin" or (kernels == "auto" and device != "cpu")
+def resolve_kernels(kernels: str, device: str) -> str:
+    """run.kernels on a device -> one of KERNELS (auto: fast on the CPU, where the
+    hand-written double backward was measured faster, builtin elsewhere; bench/NOTES.md).
+    Only the ConvNet has a choice; other networks always run the generic path."""
+    if kernels == "auto":
+        return "fast" if device == "cpu" else "builtin"
+    return kernels

@@ -31,7 +31,7 @@ from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
 from mct_ray.loop import (DistillOutcome, EvalFuture, Finished, Progress, parts_with,
                           run_distillation)
-from mct_ray.nets import NetSpec, builtin_kernels, make_spec
+from mct_ray.nets import NetSpec, make_spec, resolve_kernels
 from mct_ray.rng import generator
 from mct_ray.storage import Storage
 from mct_ray.trajectory import FullTrajectory, Trajectory
@@ -50,7 +50,7 @@ class Context:
     spec: NetSpec
     aug: Augmenter
     device: str
-    builtin: bool  # the network's builtin ops rather than the hand-written ones (run.kernels)
+    kernels: str  # the ConvNet's ops: fast, builtin or generic (run.kernels on this device)
 
     @classmethod
     def build(cls, cfg: Config) -> "Context":
@@ -66,7 +66,7 @@ class Context:
                 2 * data.nbytes < torch.cuda.mem_get_info(torch.device(device))[0]:
             data = data.to(device)  # minibatches drawn and augmented there, no host copies
         return cls(cfg, data, spec, Augmenter(cfg.augment), device,
-                   builtin_kernels(cfg.run.kernels, device))
+                   resolve_kernels(cfg.run.kernels, device))
 
 
 def setup_torch(cfg: Config, num_cpus: float = 0) -> str:
@@ -114,12 +114,12 @@ class LocalBackend:
         c = self.ctx
         for i in ids:
             yield train_expert(c.spec, c.data, c.cfg.expert_training, c.aug, c.cfg.seed, i,
-                               c.device, c.builtin)
+                               c.device, c.kernels)
 
     def submit_eval(self, syn: SyntheticSet, tag: str, model: str | None = None
                     ) -> EvalFuture:
         c = self.ctx
-        return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device, c.builtin, model))
+        return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device, c.kernels, model))
 
     def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
                 started: float) -> DistillOutcome:
@@ -232,7 +232,7 @@ def make_distiller(ctx: Context, trajectories: list[Trajectory]) -> Distiller:
     images, labels = init_synthetic(ctx.data.train_x, ctx.data.train_y, ctx.data.num_classes,
                                     cfg.distill.ipc, generator(cfg.seed, "init"))
     return Distiller(ctx.spec, trajectories, images, labels, cfg.distill, ctx.aug, cfg.seed,
-                     ctx.device, ctx.builtin)
+                     ctx.device, ctx.kernels)
 
 
 def evaluate_saved(ctx: Context, store: Storage, backend: Backend, source: Storage,

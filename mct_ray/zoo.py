@@ -1,22 +1,41 @@
-"""Networks that judge a synthetic set (cross-architecture evaluation), as the DC/DSA/MTT
-benchmark family defines them: ConvNet and its variants, ResNet-18, VGG-11, AlexNet, MLP.
+"""The network zoo, as the DC/DSA/MTT benchmark family defines it: ConvNet and its variants,
+ResNet-18, VGG-11, AlexNet, MLP; any of them can be the distillation network (`net.name`,
+through nets.py's generic path) or judge a synthetic set (`eval.models`). A user's own
+network is named `my_pkg.nets:make_net`: a function of (channels, num_classes, resolution)
+that returns an nn.Module.
 
 Each is an `nn.Module` built by `build(name, channels, num_classes, resolution, seed)` for
 inputs of 8x8 to 64x64. At the papers' sizes they are the papers' networks; on smaller
 inputs a downsampling (pool or stride) is skipped where it would leave a convolution's
 normalisation a single pixel (instance norm of one pixel is zero: the network would output a
 constant), and ResNet and VGG end in a global average over what is left. "Instance norm" is GroupNorm(c, c) with affine parameters, as in that
-family's code. `convnet` here is the same network as the distillation's `nets.ConvNet`
-(tested), built as a module.
+family's code. `convnet` here is the same network, with the same parameter names, as the
+functional ConvNet of nets.py (tested).
 """
 
 from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections import OrderedDict
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from mct_ray.errors import ConfigError
-from mct_ray.nets import default_depth
+
+
+def default_depth(resolution: int) -> int:
+    """MTT's choice: depth 3 at 32x32 (ConvNet), 4 at 64x64 (ConvNetD4); 2 at 8x8."""
+    return max(1, int(round(math.log2(resolution))) - 2)
+
+
+def first_padding(channels: int, resolution: int) -> int:
+    """The ConvNet's first padding: 3 for one-channel 28x28 input (DC/DSA/MTT run MNIST at
+    32x32), else 1."""
+    return 3 if channels == 1 and resolution == 28 else 1
 
 
 def _norm(kind: str, c: int) -> nn.Module:
@@ -37,17 +56,31 @@ def convnet(channels: int, num_classes: int, resolution: int, width: int = 128,
             pool: str = "avg") -> nn.Module:
     """[conv3x3 -> norm -> act -> pool2] x depth -> linear; 28x28 one-channel input is
     padded by 3 in the first convolution (DC/DSA/MTT run MNIST at 32x32)."""
-    depth = depth or default_depth(resolution)
-    layers, side, in_ch = [], resolution, channels
-    for i in range(depth):
-        pad = 3 if i == 0 and channels == 1 and resolution == 28 else 1
-        layers += [nn.Conv2d(in_ch, width, 3, padding=pad), _norm(norm, width), _act(act)]
-        side += 2 * pad - 2
-        if pool != "none" and side >= 2:
-            layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
-            side //= 2
-        in_ch = width
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * side * side, num_classes))
+    return _ConvNet(channels, num_classes, resolution, width, depth or default_depth(resolution),
+                    norm, act, pool)
+
+
+class _ConvNet(nn.Module):
+    # Parameter names as in nets.py: blocks.{i}.conv.weight, blocks.{i}.norm.weight, ...
+    def __init__(self, channels, num_classes, resolution, width, depth, norm, act, pool):
+        super().__init__()
+        self.blocks, side, in_ch = nn.ModuleList(), resolution, channels
+        for i in range(depth):
+            pad = first_padding(channels, resolution) if i == 0 else 1
+            layers = OrderedDict(conv=nn.Conv2d(in_ch, width, 3, padding=pad),
+                                 norm=_norm(norm, width), act=_act(act))
+            side += 2 * pad - 2
+            if pool != "none" and side >= 2:
+                layers["pool"] = nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)
+                side //= 2
+            self.blocks.append(nn.Sequential(layers))
+            in_ch = width
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(x.flatten(1))
 
 
 class _Block(nn.Module):
@@ -87,7 +120,7 @@ def vgg11(channels: int, num_classes: int, resolution: int, norm: str = "instanc
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
             continue
-        pad = 3 if i == 0 and channels == 1 and resolution == 28 else 1
+        pad = first_padding(channels, resolution) if i == 0 else 1
         layers += [nn.Conv2d(c_in, v, 3, padding=pad), _norm(norm, v), nn.ReLU()]
         side += 2 * pad - 2
         c_in = v
@@ -132,22 +165,83 @@ MODELS = {
 }
 
 
-def check(names) -> None:
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise ConfigError(f"config key 'eval.models': unknown architecture '{unknown[0]}' "
-                          f"(known: {', '.join(MODELS)})")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def check_name(name: str, key: str) -> None:
+    """Syntax only (a zoo name or `pkg.module:function`); importing is `factory`'s."""
+    if name not in MODELS and not _FACTORY.match(name):
+        raise ConfigError(f"config key '{key}': unknown architecture '{name}' (known: "
+                          f"{', '.join(MODELS)}; or a factory 'my_pkg.module:function')")
+
+
+def factory(name: str, key: str = "net.name") -> tuple[Callable[..., nn.Module], dict]:
+    """(function, keyword arguments) that build `name`; a factory is imported here."""
+    check_name(name, key)
+    if name in MODELS:
+        return MODELS[name]
+    module_name, attr = name.split(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # any failure of a user's import is bad input, in one line
+        raise ConfigError(f"config key '{key}': cannot import '{name}' "
+                          f"({type(exc).__name__}: {_first_line(exc)})") from None
+    if not callable(fn):
+        raise ConfigError(f"config key '{key}': '{name}' is not a function")
+    return fn, {}
+
+
+def arguments(name: str, width: int, depth: int, norm: str) -> dict:
+    """The keyword arguments `build` passes besides (channels, num_classes, resolution)."""
+    fn, kwargs = factory(name)
+    if fn is convnet:
+        return {"width": width, "depth": depth, "norm": norm, **kwargs}
+    return dict(kwargs)
+
+
+def check(names, key: str = "eval.models") -> None:
+    for name in names:
+        factory(name, key)
 
 
 def build(name: str, channels: int, num_classes: int, resolution: int, seed: int,
-          width: int = 128, depth: int = 0, norm: str = "instancenorm") -> nn.Module:
+          width: int = 128, depth: int = 0, norm: str = "instancenorm",
+          key: str = "net.name") -> nn.Module:
     """A freshly initialised `name`, its initialisation drawn from `seed` alone. `width`,
     `depth` and `norm` are the distillation network's, which the ConvNets follow where
     their name does not say otherwise."""
-    check([name])
-    factory, kwargs = MODELS[name]
-    if factory is convnet:
-        kwargs = {"width": width, "depth": depth, "norm": norm, **kwargs}
+    fn, _ = factory(name, key)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return factory(channels, num_classes, resolution, **kwargs)
+        try:
+            net = fn(channels, num_classes, resolution, **arguments(name, width, depth, norm))
+        except Exception as exc:
+            raise ConfigError(f"config key '{key}': {name} cannot be built for "
+                              f"{channels}x{resolution}x{resolution} inputs "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"config key '{key}': {name} returned {type(net).__name__}, "
+                          "not a torch.nn.Module")
+    return net
+
+
+def check_fits(what: str, net: nn.Module, shape: tuple[int, int, int], num_classes: int
+               ) -> None:
+    """One forward pass on zeros: a network too deep for the resolution fails here."""
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, *shape, device=next(net.parameters()).device))
+    except StopIteration:
+        raise ConfigError(f"{what}: the network has no parameters to learn") from None
+    except Exception as exc:
+        raise ConfigError(f"{what} does not fit {shape[0]}x{shape[1]}x{shape[2]} inputs "
+                          f"(too deep for the resolution?): {type(exc).__name__}: "
+                          f"{_first_line(exc)}") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError(f"{what} gives outputs of shape {tuple(out.shape[1:])} for "
+                          f"{shape[0]}x{shape[1]}x{shape[2]} inputs, not ({num_classes},)")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

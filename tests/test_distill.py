@@ -16,7 +16,8 @@ from mct_ray.config import DistillConfig
 from mct_ray.distill import (GRAD_MODES, Distiller, Segment, Student, grad_checkpoint,
                              grad_unroll, match_loss, num_chunks, plan_unroll, sample_segment)
 from mct_ray.errors import DivergenceError
-from mct_ray.nets import ConvNet, NetSpec, conv3x3, instance_norm
+from mct_ray.fastops import conv3x3, instance_norm
+from mct_ray.nets import ConvNet, NetSpec
 from mct_ray.rng import generator
 from mct_ray.trajectory import unflatten
 
@@ -269,7 +270,7 @@ def _unroll_and_checkpoint_grads() -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# The fast student (nets.conv3x3 / nets.instance_norm, chunked batches, bf16 autocast).
+# The fast student (fastops.conv3x3 / fastops.instance_norm, chunked batches, bf16 autocast).
 
 def test_conv_and_instance_norm_second_derivatives_match_autograd_numerics():
     """Hand-written double backward against finite differences (gradgradcheck), float64."""
@@ -356,19 +357,21 @@ def test_bf16_autocast_runs_exactly_replayable_and_close_to_float32():
 
 
 @pytest.mark.parametrize("mode", ["unroll", "checkpoint", "tesla"])
-def test_builtin_kernels_give_the_same_gradient_as_the_hand_written_ones(mode):
+def test_builtin_and_generic_kernels_give_the_same_gradient_as_the_hand_written_ones(mode):
     """run.kernels=builtin (F.conv2d / F.group_norm / F.avg_pool2d and autograd's double
-    backward, what a GPU uses by default) against the hand-written ops, in float64."""
+    backward, what a GPU uses by default) and generic (functional_call over zoo's convnet
+    module, every other network's path) against the hand-written ops, in float64."""
     images, labels, seg, aug, plans = problem(num_steps=4)
     out = {}
-    for builtin in (False, True):
+    for kernels in ("fast", "builtin", "generic"):
         x, lr = leaf(images), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-        loss = GRAD_MODES[mode](Student(SPEC, labels, aug, builtin=builtin), x, lr, seg, plans,
+        loss = GRAD_MODES[mode](Student(SPEC, labels, aug, kernels=kernels), x, lr, seg, plans,
                                 DistillConfig())
-        out[builtin] = (float(loss), x.grad, lr.grad)
-    assert out[True][0] == pytest.approx(out[False][0], rel=1e-12)
-    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(out[True][2], out[False][2], rtol=1e-9, atol=1e-12)
+        out[kernels] = (float(loss), x.grad, lr.grad)
+    for other in ("builtin", "generic"):
+        assert out[other][0] == pytest.approx(out["fast"][0], rel=1e-12)
+        torch.testing.assert_close(out[other][1], out["fast"][1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out[other][2], out["fast"][2], rtol=1e-9, atol=1e-12)
 
 
 def test_builtin_and_fast_convnets_agree_in_float32_at_the_mnist_shape():
@@ -376,5 +379,5 @@ def test_builtin_and_fast_convnets_agree_in_float32_at_the_mnist_shape():
                    norm="instancenorm")
     gen = torch.Generator().manual_seed(0)
     params, x = spec.init_params(gen), torch.randn(8, 1, 28, 28, generator=gen)
-    torch.testing.assert_close(spec.forward(params, x, builtin=True), spec.forward(params, x),
+    torch.testing.assert_close(spec.forward(params, x, "builtin"), spec.forward(params, x),
                                rtol=1e-5, atol=1e-6)

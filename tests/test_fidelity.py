@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from mct_ray.config import load_config, recipe_names
 from mct_ray.data import NORMS, load_data, random_splits
 from mct_ray.errors import ConfigError
-from mct_ray.nets import NetSpec, conv3x3, make_spec
+from mct_ray.fastops import conv3x3
+from mct_ray.nets import NetSpec, make_spec
 from mct_ray.trajectory import unflatten
 
 

@@ -33,24 +33,24 @@ def problem(dtype, device):
     return images.to(device, dtype), labels.to(device), seg, aug, plans
 
 
-def grads(mode, device, dtype, builtin=False, autocast="none"):
+def grads(mode, device, dtype, kernels="fast", autocast="none"):
     images, labels, seg, aug, plans = problem(dtype, device)
     x = images.clone().requires_grad_()
     lr = torch.tensor(0.01, dtype=dtype, device=device, requires_grad=True)
-    student = Student(SPEC, labels, aug, autocast, builtin)
+    student = Student(SPEC, labels, aug, autocast, kernels)
     loss = GRAD_MODES[mode](student, x, lr, seg, plans, DistillConfig())
     return float(loss), x.grad.double().cpu(), float(lr.grad)
 
 
-@pytest.mark.parametrize("builtin", [False, True])
+@pytest.mark.parametrize("kernels", ["fast", "builtin", "generic"])
 @pytest.mark.parametrize("mode", list(GRAD_MODES))
-def test_every_mode_on_cuda_matches_the_cpu_float64_reference(mode, builtin):
+def test_every_mode_on_cuda_matches_the_cpu_float64_reference(mode, kernels):
     ref_loss, ref_x, ref_lr = grads(mode, "cpu", torch.float64)
-    loss, gx, glr = grads(mode, "cuda", torch.float64, builtin)
+    loss, gx, glr = grads(mode, "cuda", torch.float64, kernels)
     assert loss == pytest.approx(ref_loss, rel=1e-9)
     torch.testing.assert_close(gx, ref_x, rtol=1e-7, atol=1e-10)
     assert glr == pytest.approx(ref_lr, rel=1e-7, abs=1e-12)
-    loss32, gx32, _ = grads(mode, "cuda", torch.float32, builtin)  # float32: close
+    loss32, gx32, _ = grads(mode, "cuda", torch.float32, kernels)  # float32: close
     cos = torch.nn.functional.cosine_similarity(gx32.flatten(), ref_x.flatten(), dim=0)
     assert loss32 == pytest.approx(ref_loss, rel=1e-3) and float(cos) > 0.999
 
@@ -77,7 +77,7 @@ def test_data_lives_on_the_device_and_experts_train_there():
 
     cfg = load_config("digits", ["expert.epochs=2", "net.width=16", "run.device=cuda"])
     ctx = Context.build(cfg)
-    assert ctx.data.train_x.is_cuda and ctx.builtin
+    assert ctx.data.train_x.is_cuda and ctx.kernels == "builtin"
     result = train_expert(ctx.spec, ctx.data, cfg.expert, ctx.aug, 0, 0, ctx.device,
-                          ctx.builtin)
+                          ctx.kernels)
     assert result.test_acc > 0.5

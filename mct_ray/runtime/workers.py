@@ -32,7 +32,7 @@ def train_expert_task(cfg: Config, data: dict, expert_id: int) -> dict:
     """One expert; the trajectory comes back as numpy arrays, owned by the caller."""
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.expert_num_cpus)
     result = train_expert(ctx.spec, ctx.data, cfg.expert_training, ctx.aug, cfg.seed,
-                          expert_id, ctx.device, ctx.builtin)
+                          expert_id, ctx.device, ctx.kernels)
     return {**expert_to_numpy(result, ctx.spec), "node_id": node_id()}
 
 
@@ -44,7 +44,7 @@ def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int,
     syn = synthetic_from_numpy(snapshot)
     return train_and_test(cfg, ctx.spec, syn, ctx.data.test_x, ctx.data.test_y,
                           eval_seed(cfg.seed, tag, syn.iteration, index), ctx.device,
-                          ctx.builtin, model)
+                          ctx.kernels, model)
 
 
 @dataclass
