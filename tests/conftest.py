@@ -22,7 +22,8 @@ TINY = [
 
 # The pure core: no Ray, no subprocess, no network (`pytest -m core`, under a minute).
 CORE_MODULES = {"test_config", "test_distill", "test_formats", "test_trajectory",
-                "test_fidelity", "test_data_formats", "test_tensorboard", "test_zoo"}
+                "test_fidelity", "test_data_formats", "test_tensorboard", "test_zoo",
+                "test_generic"}
 
 
 def pytest_configure(config):
