@@ -127,9 +127,13 @@ class EvalConfig:
     weight_decay: float = _f(5e-4, lo=0.0, hi=1.0)
     augment: bool = _f(True)
     baseline: bool = _f(True, doc="also score random real images at the same ipc")
-    models: tuple = _f((), doc="other architectures the best set (and the random-real "
-                       "baseline) are trained on at the end of a run, and by `mct-ray eval` "
-                       "(mct_ray.zoo: convnet, resnet18, vgg11, alexnet, mlp, ...)")
+    models: tuple = _f((), doc="architectures that judge the synthetic set besides the "
+                       "distillation network (mct_ray.zoo: convnet, resnet18, vgg11, alexnet, "
+                       "mlp, ...; or 'my_pkg.module:function'), each with eval.num_eval "
+                       "networks; the random-real baseline is scored on each too")
+    models_at: str = _f("every", choices=("every", "best"),
+                        doc="every: each evaluation point (metrics.parquet rows per model); "
+                        "best: only the best set, at the end of the run (cheaper)")
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,12 @@ class Config:
     def needs_full(self) -> bool:
         """Whether the distillation reads full (MTT) trajectories rather than convex ones."""
         return self.distill.method == "mtt"
+
+    @property
+    def other_models(self) -> tuple[str, ...]:
+        """eval.models but the distillation network, which is always scored (by its own
+        path, the one the run distils with) and picks the best set."""
+        return tuple(m for m in self.eval.models if m != self.net.name)
 
     @property
     def expert_training(self) -> ExpertConfig:

@@ -359,7 +359,41 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(finals) + " | "
                      + " | ".join(f"{statistics.fmean(i):.0f}" if i else "-" for i in its)
                      + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + cross_architecture_table(rows, methods))
+
+
+def cross_architecture_table(rows: list[dict], methods: list[str]) -> list[str]:
+    """With eval.models: each cell's best set (picked by the distillation network) trained
+    on each architecture, random real images beside it, and, where every evaluation point
+    was scored (eval.models_at=every), the architecture's own best and final accuracy."""
+    models = list(dict.fromkeys(m for r in rows for m in r.get("models") or {}))
+    if not models:
+        return []
+    own = any("final_acc_mean" in v for r in rows for v in (r.get("models") or {}).values())
+    extra = [(f"{LABELS[m]} {k}", m, f"{k}_acc_mean") for k in ("best", "final")
+             for m in methods] if own else []
+    lines = ["", "Cross-architecture: the best set trained on each architecture (%), mean ± "
+             "std over seeds" + ("; best and final: the architecture's own evaluation points"
+                                 if own else ""),
+             "| data set | ipc | architecture | Random | "
+             + " | ".join(LABELS[m] for m in methods)
+             + "".join(f" | {label}" for label, _, _ in extra) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in methods)
+             + " | ---" * len(extra) + " |"]
+    keys = sorted({(r["dataset"], r["ipc"]) for r in rows}, key=lambda k: (_order(rows, k[0]),
+                                                                          k[1]))
+    for ds, ipc in keys:
+        cell = [r for r in rows if (r["dataset"], r["ipc"]) == (ds, ipc)]
+        for model in models:
+            def pick(method: str | None, key: str) -> list[float]:
+                return [r["models"][model][key] for r in cell
+                        if model in (r.get("models") or {}) and method in (None, r["method"])
+                        and r["models"][model].get(key) is not None]
+            randoms = pick(methods[0], "random_acc_mean")  # one per seed: the same images
+            lines.append(f"| {ds} | {ipc} | {model} | {_fmt(randoms)} | "
+                         + " | ".join(_fmt(pick(m, "acc_mean")) for m in methods)
+                         + "".join(f" | {_fmt(pick(m, key))}" for _, m, key in extra) + " |")
+    return lines
 
 
 def _order(rows: list[dict], dataset: str) -> int:

@@ -1,8 +1,10 @@
 """The distillation loop with an evaluation at each of `eval_iterations`, and its checkpoint.
 
-Evaluations go through `submit(syn, tag) -> EvalFuture`: the local backend scores a snapshot
-at once; the Ray one fans it out as tasks and the loop collects results as they finish, so
-it never waits for them (except at the end). Everything here runs wherever the backend puts
+Evaluations go through `submit(syn, tag, model) -> EvalFuture`: the local backend scores a
+snapshot at once; the Ray one fans it out as tasks and the loop collects results as they
+finish, so it never waits for them (except at the end). Each point is scored by the
+distillation network (model None: it picks the best set) and, with eval.models_at=every, by
+every other architecture of eval.models; metrics.parquet has a row per (iteration, model). Everything here runs wherever the backend puts
 the loop: this process, a Ray actor, or a grid trial.
 """
 
@@ -46,7 +48,7 @@ class Finished:
         return self.value
 
 
-Submit = Callable[[SyntheticSet, str], EvalFuture]
+Submit = Callable[[SyntheticSet, str, str | None], EvalFuture]
 
 
 @dataclass(frozen=True)
@@ -80,29 +82,34 @@ class DistillOutcome:
     resumed_from: int | None = None
     parts: list[dict] = field(default_factory=list)  # earlier commands' share of this run
     losses: list[float] = field(default_factory=list)  # matching losses since the last eval
+    model_rows: list[dict] = field(default_factory=list)  # the other architectures' rows
 
 
 class Evaluations:
-    """The evaluations in flight, by iteration; results handed back in iteration order."""
+    """The evaluations in flight, by (iteration, model); results handed back in iteration
+    order, the distillation network (None) first."""
 
-    def __init__(self, submit: Submit):
-        self.submit_fn, self.inflight = submit, {}
+    def __init__(self, submit: Submit, models: tuple[str | None, ...]):
+        self.submit_fn, self.models, self.inflight = submit, models, {}
 
-    def submit(self, p: PendingEval) -> None:
-        self.inflight[p.iteration] = (p, self.submit_fn(p.syn, "syn"))
+    def submit(self, p: PendingEval, models: tuple[str | None, ...] | None = None) -> None:
+        for i, model in enumerate(self.models):
+            if models is None or model in models:
+                self.inflight[(p.iteration, i)] = (p, model,
+                                                   self.submit_fn(p.syn, "syn", model))
 
-    def poll(self, wait: bool = False) -> list[tuple[PendingEval, EvalResult]]:
+    def poll(self, wait: bool = False) -> list[tuple[PendingEval, str | None, EvalResult]]:
         done = []
-        for it in sorted(self.inflight):
-            p, future = self.inflight[it]
+        for key in sorted(self.inflight):
+            p, model, future = self.inflight[key]
             if wait or future.done():
-                done.append((p, future.result()))
-                del self.inflight[it]
+                done.append((p, model, future.result()))
+                del self.inflight[key]
         return done
 
     @property
     def pending(self) -> list[PendingEval]:
-        return [p for p, _ in self.inflight.values()]
+        return list({p.iteration: p for p, _, _ in self.inflight.values()}.values())
 
 
 class Progress:
@@ -144,19 +151,30 @@ def save_synthetic(store: Storage, name: str, ctx, syn: SyntheticSet) -> None:
 
 
 def record_eval(store: Storage, ctx, outcome: DistillOutcome, p: PendingEval,
-                result: EvalResult, tb: TensorBoardLog | None = None) -> None:
-    """Append a metrics row and keep synthetic.safetensors at the best evaluation so far.
+                model: str | None, result: EvalResult, tb: TensorBoardLog | None = None
+                ) -> None:
+    """Append a metrics row; for the distillation network's (model None), keep
+    synthetic.safetensors at the best evaluation so far.
 
     Results may arrive out of order (Ray); the best is the highest mean, ties going to the
     earlier iteration, so the outcome does not depend on arrival order."""
-    outcome.rows.append({"iteration": p.iteration, "acc_mean": result.mean,
-                         "acc_std": result.std, "loss": p.loss, "step_size": p.syn.step_size,
-                         "seconds": p.seconds})
+    row = {"iteration": p.iteration, "model": model or ctx.cfg.net.name,
+           "acc_mean": result.mean, "acc_std": result.std, "loss": p.loss,
+           "step_size": p.syn.step_size, "seconds": p.seconds}
+    if model is not None:
+        outcome.model_rows.append(row)
+        store.write_table(layout.METRICS, metrics_rows(outcome, ctx.cfg.other_models))
+        log.info("evaluated iteration %d on %s: %.2f %% +- %.2f", p.iteration, model,
+                 100 * result.mean, 100 * result.std)
+        if tb is not None:
+            tb.scalars({f"eval/{model}/acc_mean": result.mean}, p.iteration)
+        return
+    outcome.rows.append(row)
     outcome.rows.sort(key=lambda r: r["iteration"])
     if (result.mean, -p.iteration) > (outcome.best_acc, -outcome.best_iteration):
         outcome.best_acc, outcome.best_iteration = result.mean, p.iteration
         save_synthetic(store, layout.SYNTHETIC, ctx, p.syn)
-    store.write_table(layout.METRICS, outcome.rows)
+    store.write_table(layout.METRICS, metrics_rows(outcome, ctx.cfg.other_models))
     log.info("evaluated iteration %d: %.2f %% +- %.2f (best %.2f %% at iteration %d)",
              p.iteration, 100 * result.mean, 100 * result.std, 100 * outcome.best_acc,
              outcome.best_iteration)
@@ -166,13 +184,21 @@ def record_eval(store: Storage, ctx, outcome: DistillOutcome, p: PendingEval,
         tb.flush()
 
 
+def metrics_rows(outcome: DistillOutcome, others: tuple[str, ...]) -> list[dict]:
+    """metrics.parquet: by iteration, the distillation network's row first, then eval.models
+    in their order."""
+    order = {m: i for i, m in enumerate(others)}
+    return sorted([*outcome.rows, *outcome.model_rows],
+                  key=lambda r: (r["iteration"], order.get(r["model"], -1)))
+
+
 def save_checkpoint(store: Storage, ctx, distiller: Distiller, outcome: DistillOutcome,
                     pending: list[PendingEval], run_id: str, started: float) -> None:
     save_synthetic(store, layout.LAST, ctx, distiller.snapshot())
     state = {"distiller": distiller.state_dict(), "rows": outcome.rows,
              "best_acc": outcome.best_acc, "best_iteration": outcome.best_iteration,
              "pending": [p.to_state() for p in pending], "run_id": run_id,
-             "losses": outcome.losses,
+             "losses": outcome.losses, "model_rows": outcome.model_rows,
              "parts": parts_with(outcome, run_id, distiller.iteration, started)}
     store.write_bytes(layout.STATE, formats.save_state(state))
 
@@ -204,7 +230,7 @@ def load_checkpoint(store: Storage, distiller: Distiller
     pending = [PendingEval.from_state(p) for p in state.get("pending", [])]
     outcome = DistillOutcome(state["rows"], state["best_acc"], state["best_iteration"],
                              distiller.iteration, list(state.get("parts", [])),
-                             list(state.get("losses", [])))
+                             list(state.get("losses", [])), list(state.get("model_rows", [])))
     return outcome, pending
 
 
@@ -214,13 +240,16 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
     the folder's checkpoint when there is one. `started`: time.time() at the command's start.
     """
     cfg = ctx.cfg
-    evals = Evaluations(submit)
+    evals = Evaluations(submit, (None, *(cfg.other_models if cfg.eval.models_at == "every"
+                                         else ())))
     outcome = DistillOutcome()
     if resume and store.exists(layout.STATE):
         outcome, pending = load_checkpoint(store, distiller)
         log.info("resumed at iteration %d", distiller.iteration)
-        for p in pending:  # scored by a process that is gone: submit again
-            evals.submit(p)
+        for p in pending:  # scored by a process that is gone: submit what has no row yet
+            scored = {r["model"] for r in (*outcome.rows, *outcome.model_rows)
+                      if r["iteration"] == p.iteration}
+            evals.submit(p, tuple(m for m in evals.models if (m or cfg.net.name) not in scored))
     elif resume:
         log.info("nothing to resume in %s (no %s): starting at iteration 0", store.uri,
                  layout.STATE)
@@ -238,8 +267,8 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
                 evals.submit(PendingEval(distiller.snapshot(), loss,
                                          time.perf_counter() - loop_started))
                 losses.clear()
-            for p, result in evals.poll():
-                record_eval(store, ctx, outcome, p, result, tb)
+            for p, model, result in evals.poll():
+                record_eval(store, ctx, outcome, p, model, result, tb)
             if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0):
                 save_checkpoint(store, ctx, distiller, outcome, evals.pending, run_id, started)
             if it >= cfg.distill.iterations:
@@ -253,8 +282,8 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
                     tb.scalars({"distill/loss": step.loss, "distill/step_size": step.step_size},
                                step.iteration)
             bar.update(1)
-        for p, result in evals.poll(wait=True):
-            record_eval(store, ctx, outcome, p, result, tb)
+        for p, model, result in evals.poll(wait=True):
+            record_eval(store, ctx, outcome, p, model, result, tb)
         save_checkpoint(store, ctx, distiller, outcome, [], run_id, started)
     finally:  # a DivergenceError still leaves the event files complete
         bar.close()

@@ -143,34 +143,53 @@ def run(ctx: Context, store: Storage, backend: Backend, experts: Storage,
     if "experts" in phases:
         result = train_missing_experts(ctx, experts, backend)
     if "distill" in phases:
-        baseline = backend.submit_eval(random_real(ctx.cfg, ctx.data), "baseline") \
-            if ctx.cfg.eval.baseline else None
+        cfg = ctx.cfg
+        real = random_real(cfg, ctx.data)  # scored on every architecture beside the loop
+        baselines = {m: backend.submit_eval(real, "baseline", m)
+                     for m in (None, *cfg.other_models)} if cfg.eval.baseline else {}
         outcome = backend.distill(store, experts, resume, run_id, started)
-        result = finish(ctx, store, experts, outcome, baseline.result() if baseline else None,
-                        run_id, started, cross_architecture(ctx, store, backend))
+        scores = {m: f.result() for m, f in baselines.items()}
+        result = finish(ctx, store, experts, outcome, scores.get(None), run_id, started,
+                        cross_architecture(ctx, store, backend, outcome, scores))
     return result
 
 
-def cross_architecture(ctx: Context, store: Storage, backend: Backend) -> dict:
-    """The best synthetic set, and the random-real baseline beside it, trained on every
-    architecture of eval.models: {model: {acc_mean, acc_std, random_acc_mean, ...}}."""
+def cross_architecture(ctx: Context, store: Storage, backend: Backend,
+                       outcome: DistillOutcome, baselines: dict[str | None, EvalResult]
+                       ) -> dict:
+    """{model: scores} for every architecture of eval.models: `acc_mean`/`acc_std` of the
+    best set (picked by the distillation network) and `random_acc_mean`/`random_acc_std`;
+    with eval.models_at=every also the model's own best and final evaluation points. With
+    models_at=best the best set is trained on each model here, at the end."""
     cfg, out = ctx.cfg, {}
     if not cfg.eval.models:
         return out
-    best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
-                                  store.uri_of(layout.SYNTHETIC), ctx.spec)
-    real = random_real(cfg, ctx.data)
-    futures = {m: (backend.submit_eval(best, "final", m),
-                   backend.submit_eval(real, "baseline", m) if cfg.eval.baseline else None)
-               for m in cfg.eval.models}
-    for model, (syn, base) in futures.items():
-        r, b = syn.result(), base.result() if base else None
-        out[model] = {"acc_mean": r.mean, "acc_std": r.std,
-                      "random_acc_mean": b.mean if b else None,
-                      "random_acc_std": b.std if b else None}
-        log.info("best set (iteration %d) on %s: %.2f %% +- %.2f%s", best.iteration, model,
-                 100 * r.mean, 100 * r.std,
-                 f"; random real {100 * b.mean:.2f} %" if b else "")
+    if cfg.eval.models_at == "every":
+        for model in cfg.eval.models:
+            rows = outcome.rows if model == cfg.net.name else \
+                [r for r in outcome.model_rows if r["model"] == model]
+            at_best = next(r for r in rows if r["iteration"] == outcome.best_iteration)
+            best = max(rows, key=lambda r: (r["acc_mean"], -r["iteration"]))
+            final = max(rows, key=lambda r: r["iteration"])
+            out[model] = {"acc_mean": at_best["acc_mean"], "acc_std": at_best["acc_std"],
+                          "best_acc_mean": best["acc_mean"], "best_acc_std": best["acc_std"],
+                          "best_iteration": best["iteration"],
+                          "final_acc_mean": final["acc_mean"],
+                          "final_acc_std": final["acc_std"]}
+    else:
+        best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
+                                      store.uri_of(layout.SYNTHETIC), ctx.spec)
+        futures = {m: backend.submit_eval(best, "final", m) for m in cfg.eval.models}
+        for model, future in futures.items():  # all submitted first: on Ray they run together
+            r = future.result()
+            out[model] = {"acc_mean": r.mean, "acc_std": r.std}
+    for model, scores in out.items():
+        base = baselines.get(None if model == cfg.net.name else model)
+        scores.update(random_acc_mean=base.mean if base else None,
+                      random_acc_std=base.std if base else None)
+        log.info("best set (iteration %d) on %s: %.2f %% +- %.2f%s", outcome.best_iteration,
+                 model, 100 * scores["acc_mean"], 100 * scores["acc_std"],
+                 f"; random real {100 * base.mean:.2f} %" if base else "")
     return out
 
 

@@ -92,10 +92,13 @@ def _row(summary: dict) -> dict:
     keys = ("ipc", "method", "seed", "best_acc_mean", "best_acc_std", "best_iteration",
             "final_acc_mean", "final_acc_std", "iterations_to_within_2pts", "iterations",
             "wall_seconds", "storage_bytes_per_expert")
-    return {"data": summary["dataset"], **{k: summary[k] for k in keys},
-            "random_acc_mean": summary["random_baseline_acc_mean"],
-            "random_acc_std": summary["random_baseline_acc_std"],
-            "resumed_from": -1 if summary["resumed_from"] is None else summary["resumed_from"]}
+    row = {"data": summary["dataset"], **{k: summary[k] for k in keys},
+           "random_acc_mean": summary["random_baseline_acc_mean"],
+           "random_acc_std": summary["random_baseline_acc_std"],
+           "resumed_from": -1 if summary["resumed_from"] is None else summary["resumed_from"]}
+    if summary.get("models"):  # eval.models: the scores on each architecture
+        row["models"] = summary["models"]
+    return row
 
 
 def _progress(row: dict) -> dict:
