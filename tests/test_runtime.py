@@ -47,23 +47,27 @@ def expert_tensors(folder):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
-    assert main(["run", "--local", "--out", str(out), *TINY, "expert.num_experts=4"]) == 0
+    assert main(["run", "--local", "--out", str(out), *TINY, "expert.num_experts=4",
+                 "eval.models=[mlp]"]) == 0
     return out
 
 
 def test_ray_run_matches_local_run_and_spreads_experts(ray_cluster, local_run, tmp_path,
                                                        capsys):
-    summary = run_json(capsys, "run", "--out", str(tmp_path), *TINY, "expert.num_experts=4")
+    summary = run_json(capsys, "run", "--out", str(tmp_path), *TINY, "expert.num_experts=4",
+                       "eval.models=[mlp]")
     a, b = synthetic(local_run), synthetic(tmp_path)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert a.step_size == b.step_size
     assert torch.equal(synthetic(local_run, "synthetic.safetensors").images,
                        synthetic(tmp_path, "synthetic.safetensors").images)
-    local_rows = formats_rows(local_run)
-    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(tmp_path)] == \
-        [(r["iteration"], r["acc_mean"]) for r in local_rows]
+    local_rows = formats_rows(local_run)  # every point on the ConvNet and on the MLP
+    assert [(r["iteration"], r["model"], r["acc_mean"]) for r in formats_rows(tmp_path)] == \
+        [(r["iteration"], r["model"], r["acc_mean"]) for r in local_rows]
+    assert {r["model"] for r in local_rows} == {"convnet", "mlp"}
     local_summary = json.loads((local_run / "summary.json").read_text())
     assert summary["random_baseline_acc_mean"] == local_summary["random_baseline_acc_mean"]
+    assert summary["models"] == local_summary["models"]
     ta, tb = expert_tensors(local_run), expert_tensors(tmp_path)
     assert ta.keys() == tb.keys() and len(ta) == 4
     assert all(torch.equal(ta[k][n], tb[k][n]) for k in ta for n in ta[k])
