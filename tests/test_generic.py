@@ -238,3 +238,20 @@ def test_a_file_written_for_other_parameters_of_the_same_name_is_named(monkeypat
                        r"parameters than mlp builds now \(\['layer.weight', \[128, 64\]\] != "
                        r"\['1.weight', \[128, 64\]\]\)"):
         formats.load_trajectory(data, "e.safetensors", spec)
+
+
+def test_a_factory_in_eval_models_that_does_not_import_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--local", "--out", str(out), *TINY, "eval.models=[mlp,nope.nets:f]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("mct-ray: error: config key 'eval.models': cannot import "
+                                 "'nope.nets:f' (ModuleNotFoundError: No module named 'nope')")
+    assert not (out / "config.json").exists()
+
+
+def test_eval_models_takes_a_users_factory(tmp_path, factories):
+    out = tmp_path / "run"
+    assert main(["run", "--local", "--out", str(out), *TINY,
+                 f"eval.models=[{factories}:make_net]"]) == 0
+    models = json.loads((out / "summary.json").read_text())["models"]
+    assert list(models) == [f"{factories}:make_net"]
