@@ -12,6 +12,10 @@ full protocol (`--protocol full`) runs the recipes unchanged: for a GPU.
     python bench/fashion.py --protocol full --device cuda --threads 8
     python bench/fashion.py --protocol tiny        # a seconds-long smoke run (the tests)
     python bench/fashion.py --ipc 10 --iterations 150 --variants mct-tesla   # one part, longer
+    python bench/fashion.py --ipc 1 --models resnet18 vgg11 alexnet   # cross-architecture
+With --models, each run's best set (by the ConvNet's evaluations) and the initial random real
+images are also trained on each listed architecture (eval.num_eval networks of the
+protocol); the table is written to <name>_cross.parquet.
 Writes bench/results/fashion_<protocol>.parquet (one row per evaluation) and .png; last line
 fashion_mct_ipc1_best=<mean over seeds of MCT's (TESLA gradient, the authors') best, percent>.
 """
@@ -30,6 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 import torch  # noqa: E402
 
 from bench.common import RESULTS, print_table, save_table  # noqa: E402
+from mct_ray import zoo  # noqa: E402
 from mct_ray.augment import Augmenter  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
 from mct_ray.data import ImageData, load_data  # noqa: E402
@@ -103,6 +108,7 @@ def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, in
     trajectories = [e.full if cfg.needs_full else e.convex for e in experts]
     distiller = Distiller(spec, trajectories, images, labels, cfg.distill, aug, seed, device)
     rows = [{"iteration": 0, "acc_mean": init_acc, "seconds": 0.0}]
+    best, best_acc = None, init_acc  # the best set by the ConvNet (None: the initial one)
     started = time.perf_counter()
     for it in range(1, cfg.distill.iterations + 1):
         distiller.step()
@@ -113,13 +119,16 @@ def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, in
             lr = syn.step_size
             rows.append({"iteration": it, "acc_mean": res.mean, "seconds": seconds,
                          "step_size": lr})
+            if res.mean > best_acc:
+                best, best_acc = syn, res.mean
             print(f"  it {it}: {100 * res.mean:.2f} %  step {lr:.4g}", flush=True)
             started = time.perf_counter() - seconds  # evaluation time is not distillation's
-    return rows
+    return rows, best
 
 
 def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] | None = None,
-        iterations: int | None = None, variants: tuple = VARIANTS) -> list[dict]:
+        iterations: int | None = None, variants: tuple = VARIANTS, models: tuple = ()
+        ) -> tuple[list[dict], list[dict]]:
     proto = PROTOCOLS[protocol]
     common = ["run.progress=false", "expert.keep_full=true", *proto["experts"],
               *proto["segment"]] + ([f"data.root={data_root}"] if data_root else [])
@@ -133,6 +142,7 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
     print(f"{len(experts)} experts in {time.perf_counter() - t0:.0f} s, test accuracy "
           f"{[round(100 * e.test_acc, 1) for e in experts]} %", flush=True)
     rows: list[dict] = []
+    cross: list[dict] = []  # with `models`: the best sets on other architectures
     for ipc, plan in proto["ipc"].items():
         if only_ipc and ipc not in only_ipc:
             continue
@@ -146,14 +156,43 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
             start = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
             init = evaluate(ipc_cfg.replace(seed=seed), spec, data, start, device=device).mean
             print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
+            cross += score_on(models, ipc_cfg.replace(seed=seed), spec, data, start, device,
+                              ipc=ipc, seed=seed, variant="Random real")
             for label, method, mode in variants:
                 cfg = load_config(recipe, [*base, f"distill.method={method}",
                                            f"distill.grad_mode={mode}"])
                 print(f"ipc {ipc} seed {seed}: {label}", flush=True)
-                curve = distill_curve(cfg, spec, data, experts, images, labels, aug, seed,
-                                      plan["every"], init, device)
+                curve, best = distill_curve(cfg, spec, data, experts, images, labels, aug,
+                                            seed, plan["every"], init, device)
                 rows += [{"ipc": ipc, "seed": seed, "variant": label, **r} for r in curve]
-    return rows
+                cross += score_on(models, cfg.replace(seed=seed), spec, data, best or start,
+                                  device, ipc=ipc, seed=seed, variant=label)
+    return rows, cross
+
+
+def score_on(models: tuple, cfg, spec, data, syn, device, **row) -> list[dict]:
+    """`syn` trained on each architecture of `models` (eval.num_eval networks each)."""
+    out = []
+    for model in models:
+        res = evaluate(cfg, spec, data, syn, "final", device, model=model)
+        print(f"  {row['variant']} (iteration {syn.iteration}) on {model}: "
+              f"{100 * res.mean:.2f} %", flush=True)
+        out.append({**row, "model": model, "iteration": syn.iteration, "acc_mean": res.mean})
+    return out
+
+
+def cross_table(cross: list[dict]) -> list[dict]:
+    """A row per (ipc, architecture); a column per variant: mean +- std over seeds (%)."""
+    out = []
+    for ipc, model in dict.fromkeys((r["ipc"], r["model"]) for r in cross):
+        row = {"ipc": ipc, "architecture": model}
+        for variant in dict.fromkeys(r["variant"] for r in cross):
+            accs = [100 * r["acc_mean"] for r in cross
+                    if (r["ipc"], r["model"], r["variant"]) == (ipc, model, variant)]
+            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            row[variant] = f"{statistics.fmean(accs):.2f} +- {spread:.2f}"
+        out.append(row)
+    return out
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -231,11 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ipc", type=int, nargs="*", help="only these ipc of the protocol")
     parser.add_argument("--iterations", type=int, help="instead of the protocol's")
     parser.add_argument("--variants", nargs="*", choices=sorted(SHORT), help="only these")
+    parser.add_argument("--models", nargs="*", default=[],
+                        help="also train each best set on these architectures (mct_ray.zoo)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     variants = tuple(SHORT[v] for v in args.variants) if args.variants else VARIANTS
-    rows = run(args.protocol, args.device, args.data_root, args.ipc, args.iterations, variants)
+    zoo.check(args.models, "--models")
+    rows, cross = run(args.protocol, args.device, args.data_root, args.ipc, args.iterations,
+                      variants, tuple(args.models))
     out = pathlib.Path(args.out) if args.out else RESULTS
     parts = ([f"ipc{'-'.join(map(str, args.ipc))}"] if args.ipc else []) + \
         ([f"{args.iterations}it"] if args.iterations else []) + (args.variants or [])
@@ -245,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     save_table(f"{name}_summary", table, out)
     plot(rows, out / f"{name}.png")
     print_table(table)
+    if cross:
+        save_table(f"{name}_cross", cross, out)
+        print("\nthe best set of each run (by the ConvNet) on other architectures, test "
+              "accuracy (%), mean +- std over seeds:")
+        print_table(cross_table(cross))
     labels = {r["variant"] for r in rows if r["ipc"] == 1}
     for label in ("MCT (TESLA grad.)", "MCT (exact)"):
         if {label, "MTT"} <= labels:

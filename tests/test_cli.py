@@ -42,7 +42,9 @@ def test_run_writes_every_output(tiny_run):
 
     table = pq.read_table(tiny_run / "metrics.parquet").to_pylist()
     assert [r["iteration"] for r in table] == [0, 2, 4]
-    assert set(table[0]) == {"iteration", "acc_mean", "acc_std", "loss", "step_size", "seconds"}
+    assert set(table[0]) == {"iteration", "model", "acc_mean", "acc_std", "loss", "step_size",
+                             "seconds"}
+    assert {r["model"] for r in table} == {"convnet"}
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["distill"]["iterations"] == 4 and cfg["run"]["out"] == str(tiny_run)
     assert (tiny_run / "synthetic.png").read_bytes()[:4] == b"\x89PNG"

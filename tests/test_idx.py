@@ -186,9 +186,14 @@ def test_bench_fashion_tiny_protocol_runs(tmp_path):
 
     write_idx_set(tmp_path / "data" / "fashion-mnist", n_train=60, n_test=20)
     assert fashion.main(["--protocol", "tiny", "--threads", "1", "--data-root",
-                         str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+                         str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                         "--models", "mlp"]) == 0
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "out" / "fashion_tiny.parquet").to_pylist()
     assert {r["variant"] for r in rows} == {v[0] for v in fashion.VARIANTS}
     assert (tmp_path / "out" / "fashion_tiny.png").stat().st_size > 0
+    cross = pq.read_table(tmp_path / "out" / "fashion_tiny_cross.parquet").to_pylist()
+    assert {(r["variant"], r["model"]) for r in cross} == {
+        (v, "mlp") for v in ("Random real", *(v[0] for v in fashion.VARIANTS))}
+    assert len(cross) == 2 * 4  # two seeds
