@@ -389,7 +389,8 @@ def cross_architecture_table(rows: list[dict], methods: list[str]) -> list[str]:
                 return [r["models"][model][key] for r in cell
                         if model in (r.get("models") or {}) and method in (None, r["method"])
                         and r["models"][model].get(key) is not None]
-            randoms = pick(methods[0], "random_acc_mean")  # one per seed: the same images
+            # One method's per seed (every method of a seed has the same random images).
+            randoms = next((v for v in (pick(m, "random_acc_mean") for m in methods) if v), [])
             lines.append(f"| {ds} | {ipc} | {model} | {_fmt(randoms)} | "
                          + " | ".join(_fmt(pick(m, "acc_mean")) for m in methods)
                          + "".join(f" | {_fmt(pick(m, key))}" for _, m, key in extra) + " |")

@@ -32,10 +32,6 @@ from mct_ray.config import NetConfig
 from mct_ray.errors import ConfigError
 from mct_ray.fastops import EPS, avg_pool2, conv3x3, instance_norm
 
-# What run.kernels resolves to on a device (`resolve_kernels`).
-KERNELS = ("fast", "builtin", "generic")
-
-
 @dataclass(frozen=True)
 class NetSpec:
     """Everything that fixes a network's parameter layout; stored in trajectory metadata.
@@ -216,7 +212,7 @@ class ConvNet(nn.Module):
 
 
 def resolve_kernels(kernels: str, device: str) -> str:
-    """run.kernels on a device -> one of KERNELS (auto: fast on the CPU, where the
+    """run.kernels on a device -> fast, builtin or generic (auto: fast on the CPU, where the
     hand-written double backward was measured faster, builtin elsewhere; bench/NOTES.md).
     Only the ConvNet has a choice; other networks always run the generic path."""
     if kernels == "auto":

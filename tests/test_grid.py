@@ -35,7 +35,7 @@ TINY_GRID = {
     "methods": ["mct", "mtt"],
     "seeds": [0],
     "method_overrides": {"mtt": {"distill.expert_epochs": 2}},
-    "overrides": parse_overrides(TINY),
+    "overrides": parse_overrides([*TINY, "eval.models=[mlp]"]),
 }
 CELL_IDS = {f"digits-ipc{i}-{m}-seed0" for i in (1, 2) for m in ("mct", "mtt")}
 
@@ -191,8 +191,13 @@ def test_grid_writes_a_row_per_cell_the_table_and_the_plot(finished_grid):
     rows = grid_rows(out)
     assert {r["cell"] for r in rows} == CELL_IDS and len(rows) == 4
     for r in rows:
-        metrics = pq.read_table(out / "cells" / r["cell"] / "metrics.parquet").to_pylist()
-        assert [m["iteration"] for m in metrics] == [0, 2, 4]
+        rows_of_cell = pq.read_table(out / "cells" / r["cell"] / "metrics.parquet").to_pylist()
+        assert [(m["iteration"], m["model"]) for m in rows_of_cell] == [
+            (i, n) for i in (0, 2, 4) for n in ("convnet", "mlp")]
+        metrics = [m for m in rows_of_cell if m["model"] == "convnet"]
+        mlp = [m for m in rows_of_cell if m["model"] == "mlp"]
+        at_best = next(m for m in mlp if m["iteration"] == r["best_iteration"])
+        assert r["models"]["mlp"]["acc_mean"] == at_best["acc_mean"]
         # the row's best and final are the cell's own evaluations, recomputed here
         best = max(metrics, key=lambda m: (m["acc_mean"], -m["iteration"]))
         assert (r["best_acc_mean"], r["best_iteration"]) == (best["acc_mean"],
@@ -209,6 +214,10 @@ def test_grid_writes_a_row_per_cell_the_table_and_the_plot(finished_grid):
     summary = printed_json(printed)
     assert summary["finished"] == 4 and summary["failed"] == {} and not summary["resumed"]
     assert "| data set | ipc | Random | MTT | MCT |" in printed
+    assert "| data set | ipc | architecture | Random | MTT | MCT | MTT best | MCT best | " \
+           "MTT final | MCT final |" in printed
+    assert sum(line.startswith("| digits | ") and "| mlp |" in line
+               for line in printed.splitlines()) == 2  # ipc 1 and 2
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -221,8 +230,9 @@ def test_a_cell_equals_a_standalone_distillation_on_the_grids_experts(finished_g
                  str(tmp_path), "--experts", str(out / "experts" / "digits")]) == 0
     ours = pq.read_table(cell / "metrics.parquet").to_pylist()
     alone = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
-    keys = ("iteration", "acc_mean", "acc_std", "step_size")
+    keys = ("iteration", "model", "acc_mean", "acc_std", "step_size")
     assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in alone]
+    ours, alone = ([r for r in rows if r["model"] == "convnet"] for rows in (ours, alone))
     assert [r["loss"] for r in ours[1:]] == [r["loss"] for r in alone[1:]]  # 0: no loss yet
 
 
