@@ -92,7 +92,7 @@ def agrees_with_finite_differences(analytic: float, loss_at, rel: float = 1e-4) 
     return any(abs(analytic - fd) <= rel * abs(fd) for fd in fds)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet18-bn", "vgg11", "vgg11-bn"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet18-bn", "vgg11"])
 def test_unroll_gradients_of_resnet_and_vgg_match_finite_differences(name):
     """float64, 8x8 inputs, an unroll of 2 steps: the image gradient along a random
     direction and the step size's derivative, against central finite differences."""
