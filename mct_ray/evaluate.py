@@ -8,6 +8,7 @@ anywhere (one process or Ray tasks) and give the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -19,7 +20,6 @@ from mct_ray.data import ImageData
 from mct_ray.distill import SyntheticSet, init_synthetic
 from mct_ray.experts import accuracy, train_epoch
 from mct_ray.nets import NetSpec
-from mct_ray import zoo
 from mct_ray.rng import derive_seed, generator
 
 
@@ -45,9 +45,8 @@ def train_and_test(cfg: Config, spec: NetSpec, syn: SyntheticSet, test_x: torch.
     init = derive_seed(seed, "eval-init")
     if model is None:
         net = spec.module(spec.init_params(torch.Generator().manual_seed(init)), kernels)
-    else:
-        net = zoo.build(model, spec.channels, spec.num_classes, spec.resolution, init,
-                        spec.width, spec.depth, spec.norm)
+    else:  # the same input and classes; the ConvNets of the zoo follow width, depth, norm
+        net = dataclasses.replace(spec, name=model).build(init, "eval.models")
     net = net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=syn.step_size, momentum=e.momentum,
                           weight_decay=e.weight_decay)

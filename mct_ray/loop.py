@@ -4,8 +4,9 @@ Evaluations go through `submit(syn, tag, model) -> EvalFuture`: the local backen
 snapshot at once; the Ray one fans it out as tasks and the loop collects results as they
 finish, so it never waits for them (except at the end). Each point is scored by the
 distillation network (model None: it picks the best set) and, with eval.models_at=every, by
-every other architecture of eval.models; metrics.parquet has a row per (iteration, model). Everything here runs wherever the backend puts
-the loop: this process, a Ray actor, or a grid trial.
+every other architecture of eval.models; metrics.parquet has a row per (iteration, model).
+Everything here runs wherever the backend puts the loop: this process, a Ray actor, or a
+grid trial.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from mct_ray.config import NetConfig
 from mct_ray.errors import ConfigError
 from mct_ray.fastops import EPS, avg_pool2, conv3x3, instance_norm
 
+
 @dataclass(frozen=True)
 class NetSpec:
     """Everything that fixes a network's parameter layout; stored in trajectory metadata.
@@ -87,10 +88,11 @@ class NetSpec:
         seed = int(torch.randint(2**31 - 1, (), generator=generator))
         return [p.detach() for p in self.build(seed).parameters()]
 
-    def build(self, seed: int) -> nn.Module:
-        """The zoo's (or the factory's) module, initialised from `seed`."""
+    def build(self, seed: int, key: str = "net.name") -> nn.Module:
+        """The zoo's (or the factory's) module, initialised from `seed`; `key` is the config
+        key an error names."""
         return zoo.build(self.name, self.channels, self.num_classes, self.resolution, seed,
-                         self.width, self.depth, self.norm)
+                         self.width, self.depth, self.norm, key)
 
     def module(self, params: Sequence[torch.Tensor], kernels: str = "fast") -> nn.Module:
         """An nn.Module holding a copy of `params` (expert training, evaluation); its

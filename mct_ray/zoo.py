@@ -8,8 +8,8 @@ Each is an `nn.Module` built by `build(name, channels, num_classes, resolution, 
 inputs of 8x8 to 64x64. At the papers' sizes they are the papers' networks; on smaller
 inputs a downsampling (pool or stride) is skipped where it would leave a convolution's
 normalisation a single pixel (instance norm of one pixel is zero: the network would output a
-constant), and ResNet and VGG end in a global average over what is left. "Instance norm" is GroupNorm(c, c) with affine parameters, as in that
-family's code. `convnet` here is the same network, with the same parameter names, as the
+constant), and ResNet and VGG end in a global average over what is left. "Instance norm"
+is GroupNorm(c, c) with affine parameters, as in that family's code. `convnet` here is the same network, with the same parameter names, as the
 functional ConvNet of nets.py (tested).
 """
 
@@ -193,8 +193,12 @@ def factory(name: str, key: str = "net.name") -> tuple[Callable[..., nn.Module],
 
 def arguments(name: str, width: int, depth: int, norm: str) -> dict:
     """The keyword arguments `build` passes besides (channels, num_classes, resolution)."""
-    fn, kwargs = factory(name)
-    if fn is convnet:
+    return _arguments(*factory(name), width, depth, norm)
+
+
+def _arguments(fn: Callable[..., nn.Module], kwargs: dict, width: int, depth: int,
+               norm: str) -> dict:
+    if fn is convnet:  # the ConvNets follow the distillation network's width, depth, norm
         return {"width": width, "depth": depth, "norm": norm, **kwargs}
     return dict(kwargs)
 
@@ -210,11 +214,12 @@ def build(name: str, channels: int, num_classes: int, resolution: int, seed: int
     """A freshly initialised `name`, its initialisation drawn from `seed` alone. `width`,
     `depth` and `norm` are the distillation network's, which the ConvNets follow where
     their name does not say otherwise."""
-    fn, _ = factory(name, key)
+    fn, kwargs = factory(name, key)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            net = fn(channels, num_classes, resolution, **arguments(name, width, depth, norm))
+            net = fn(channels, num_classes, resolution,
+                     **_arguments(fn, kwargs, width, depth, norm))
         except Exception as exc:
             raise ConfigError(f"config key '{key}': {name} cannot be built for "
                               f"{channels}x{resolution}x{resolution} inputs "

@@ -119,7 +119,8 @@ def test_an_unknown_architecture_is_one_line_before_any_work(tiny_run, capsys):
                  "eval.models=[resnet50]"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("mct-ray: error: config key 'eval.models': unknown architecture "
-                   f"'resnet50' (known: {', '.join(zoo.MODELS)}; or a factory 'my_pkg.module:function')")
+                   f"'resnet50' (known: {', '.join(zoo.MODELS)}; or a factory "
+                   "'my_pkg.module:function')")
     after = (tiny_run / "eval.json").read_bytes() if (tiny_run / "eval.json").exists() else None
     assert before == after
 
