@@ -2,7 +2,7 @@
 fits in 8 minutes on one H100/H200, written to a folder.
 
     python -m bench.gpu OUT             # on a machine with a CUDA device
-    python -m bench.gpu OUT --dry-run   # the same steps on the CPU at tiny sizes (< 2 min)
+    python -m bench.gpu OUT --dry-run   # the same steps on the CPU at tiny sizes (< 30 s)
 
 Steps (each its own process with a time limit; a failed step is recorded and the next runs):
   device       torch/CUDA versions, device name, measured matmul peaks (fp32, tf32, bf16)
@@ -18,16 +18,20 @@ Steps (each its own process with a time limit; a failed step is recorded and the
   end_to_end   `mct-ray run` through Ray with evaluation fan-out (Fashion-MNIST when its
                files are present, else random data of the CIFAR-10 shape)
 OUT gets one log and one JSON per step, bench tables (parquet) and summary.json; the last
-line printed is `gpu_check=<steps passed>/<steps>`.
+line printed is `gpu_check=<steps passed>/<steps>`. On a device the steps run one after
+another, each in its own process with a time limit; a dry run proves only the plumbing, so
+it runs every step in this one process, on one Ray started once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import runpy
 import subprocess
 import sys
 import time
@@ -39,7 +43,8 @@ UNROLL = {
     "unroll_cifar10": (["--shape", "cifar10", "--ipc", "10", "--steps", "30", "--repeats", "3",
                         "--memory-modes", "reference", "unroll", "checkpoint", "tesla"],
                        ["--shape", "cifar10", "--ipc", "1", "--steps", "2", "--repeats", "1",
-                        "--width", "16", "--memory-modes", "reference", "checkpoint"]),
+                        "--width", "8", "--batch-syn", "10", "--modes", "unroll", "tesla",
+                        "--memory", "rss", "--memory-modes", "unroll"]),
     "unroll_tinyimagenet": (["--shape", "tinyimagenet", "--ipc", "10", "--steps", "20",
                              "--repeats", "2", "--memory-modes", "reference", "unroll",
                              "checkpoint"],
@@ -49,8 +54,8 @@ UNROLL = {
     "unroll_cifar10_builtin": (["--shape", "cifar10", "--ipc", "10", "--steps", "30",
                                 "--repeats", "3", "--kernels", "builtin", "--memory"],
                                ["--shape", "cifar10", "--ipc", "1", "--steps", "2",
-                                "--repeats", "1", "--kernels", "builtin", "--width", "16",
-                                "--memory"]),
+                                "--repeats", "1", "--kernels", "builtin", "--width", "8",
+                                "--batch-syn", "10", "--modes", "unroll", "--memory"]),
 }
 LIMITS = {"pytest_gpu": 90, "unroll_cifar10": 120, "unroll_tinyimagenet": 120,
           "unroll_cifar10_builtin": 60, "packing": 90, "end_to_end": 120}
@@ -94,6 +99,10 @@ def run_step(out: pathlib.Path, name: str, argv: list[str], limit: float, env: d
                                 stderr=subprocess.STDOUT, timeout=limit).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
+    return step_result(out, name, rc, started)
+
+
+def step_result(out: pathlib.Path, name: str, rc, started: float) -> dict:
     lines = (out / f"{name}.log").read_text().strip().splitlines()
     result = {"step": name, "rc": rc, "seconds": round(time.monotonic() - started, 1),
               "last_line": lines[-1] if lines else ""}
@@ -110,7 +119,9 @@ def packing(out: pathlib.Path, dry: bool) -> None:
     from mct_ray.runtime.backend import RayBackend
     from mct_ray.storage import Storage
 
-    ray.init(include_dashboard=False, **({"num_cpus": 2} if dry else {}))
+    ours = not ray.is_initialized()  # a dry run's Ray is its caller's
+    if ours:
+        ray.init(include_dashboard=False)
     ks = (1, 2) if dry else (1, 2, 4, 8)
     data = (["net.width=8", "net.depth=1"] if dry else
             ["data.name=random", "data.channels=3", "data.resolution=32",
@@ -139,7 +150,8 @@ def packing(out: pathlib.Path, dry: bool) -> None:
         r["throughput_vs_1"] = r["experts_per_second"] / base
     (out / "packing.json").write_text(json.dumps(rows, indent=2))
     print(f"packing_4_vs_1={rows[-1 if dry else 2]['throughput_vs_1']:.2f}")
-    ray.shutdown()
+    if ours:
+        ray.shutdown()
 
 
 def end_to_end_argv(out: pathlib.Path, dry: bool) -> list[str]:
@@ -147,8 +159,7 @@ def end_to_end_argv(out: pathlib.Path, dry: bool) -> list[str]:
     if dry:
         return [*run, "net.width=8", "net.depth=1", "expert.num_experts=2", "expert.epochs=2",
                 "distill.iterations=4", "distill.syn_steps=3", "distill.max_start_epoch=1",
-                "distill.expert_epochs=1", "eval.every=2", "eval.num_eval=2", "eval.epochs=3",
-                "ray.num_cpus=2"]
+                "distill.expert_epochs=1", "eval.every=2", "eval.num_eval=2", "eval.epochs=3"]
     fashion = pathlib.Path("/usr/share/datasets/fashion-mnist")
     data = ["--recipe", "fashion-mnist-ipc10"] if fashion.exists() else \
         ["--recipe", "cifar10-ipc10", "data.name=random", "data.zca=false",
@@ -157,6 +168,46 @@ def end_to_end_argv(out: pathlib.Path, dry: bool) -> list[str]:
             "distill.iterations=200", "distill.max_start_epoch=4", "eval.every=100",
             "eval.num_eval=4", "eval.epochs=300", "ray.expert_num_gpus=0.25",
             "ray.distill_num_gpus=0.5", "ray.eval_num_gpus=0.125", "run.progress=false"]
+
+
+def run_inline(out: pathlib.Path, name: str, argv: list[str]) -> dict:
+    """A dry-run step in this process (the same argv as on a device, run as `python ARGV`
+    would run it): no interpreter, torch or Ray start per step, so the plumbing of every
+    step is proven in seconds. The Ray steps share the Ray this process started."""
+    started = time.monotonic()
+    saved = sys.argv
+    with open(out / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        try:
+            if argv[0] == "-m":
+                sys.argv = [argv[1], *argv[2:]]
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = list(argv)
+                runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception as exc:  # recorded like a failed process, and the next step runs
+            print(f"{type(exc).__name__}: {exc}", file=log)
+            rc = 1
+        finally:
+            sys.argv = saved
+    return step_result(out, name, rc, started)
+
+
+def dry_run(out: pathlib.Path, steps: list, env: dict) -> list[dict]:
+    import ray
+
+    os.environ.update(env)
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    ray.init(include_dashboard=False, num_cpus=2, object_store_memory=150 * 2**20,
+             log_to_driver=False)
+    try:
+        return [run_inline(out, n, a) for n, a in steps]
+    finally:
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,20 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     info = device_info(args.dry_run)
     (out / "device.json").write_text(json.dumps(info, indent=2))
     print(f"device: {info}", flush=True)
-    steps = [run_step(out, "pytest_gpu", ["-m", "pytest", "-m", "gpu", "-q", "-p",
-                                          "no:cacheprovider", "tests/test_gpu.py",
-                                          f"--junitxml={out / 'pytest_gpu.xml'}"],
-                      LIMITS["pytest_gpu"], env)]
     device = ["--device", "cpu" if args.dry_run else "cuda"]
-    for name, (full, dry) in UNROLL.items():
-        steps.append(run_step(out, name, ["bench/unroll_speed.py", *device,
-                                          *(dry if args.dry_run else full)],
-                              LIMITS[name], env))
-    steps.append(run_step(out, "packing", ["-m", "bench.gpu", str(out), "--step", "packing",
-                                           *(["--dry-run"] if args.dry_run else [])],
-                          LIMITS["packing"], env))
-    steps.append(run_step(out, "end_to_end", end_to_end_argv(out, args.dry_run),
-                          LIMITS["end_to_end"], env))
+    plain = [("pytest_gpu", ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                             "tests/test_gpu.py", f"--junitxml={out / 'pytest_gpu.xml'}"])]
+    plain += [(name, ["bench/unroll_speed.py", *device, *(dry if args.dry_run else full)])
+              for name, (full, dry) in UNROLL.items()]
+    on_ray = [("packing", ["-m", "bench.gpu", str(out), "--step", "packing",
+                           *(["--dry-run"] if args.dry_run else [])]),
+              ("end_to_end", end_to_end_argv(out, args.dry_run))]
+    if args.dry_run:
+        steps = dry_run(out, plain + on_ray, env)
+    else:
+        steps = [run_step(out, n, a, LIMITS[n], env) for n, a in plain + on_ray]
     passed = sum(s["rc"] == 0 for s in steps)
     summary = {"device": info, "steps": steps, "seconds": round(time.monotonic() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -151,9 +151,9 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_float64(args) -> dict[str, float]:
     """Exactness where rounding cannot hide anything: float64, same net, ipc 2, N=4 (or
-    the timed ipc and N where smaller: dry runs)."""
-    p = setup(args.shape, min(2, args.ipc), min(4, args.steps), 0, args.device,
-              dtype=torch.float64)  # 2 chunks on CPU at the default sizes
+    the timed ipc and N where smaller: dry runs), minibatches of the timed batch_syn."""
+    p = setup(args.shape, min(2, args.ipc), min(4, args.steps), args.batch_syn, args.device,
+              dtype=torch.float64)  # minibatches of batch_syn where the set is larger
     ref_x, ref_lr = one_iteration("reference", p)
     out = {}
     for mode in MODES[1:]:

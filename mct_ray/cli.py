@@ -16,10 +16,11 @@ import threading
 import time
 import uuid
 
-from mct_ray import pipeline, preflight, runfolder
+from mct_ray import pipeline, plan, preflight, runfolder
 from mct_ray import storage as layout
 from mct_ray.config import Config, load_config
 from mct_ray.errors import ConfigError, MctRayError
+from mct_ray.progress import configure_logging
 from mct_ray.runfolder import RunLock
 from mct_ray.storage import Storage, parent_and_name
 
@@ -131,6 +132,8 @@ def run_command(args: argparse.Namespace) -> dict:
         if overwrite:
             runfolder.clear(store, phases, experts_here=not given)
         store.write_json(layout.CONFIG, cfg.to_dict())
+        missing = len(pipeline.missing_experts(ctx, experts)) if "experts" in phases else 0
+        log.info("%s", plan.estimate(ctx, phases, missing).describe())
         with _backend(ctx, args.local) as backend:
             return pipeline.run(ctx, store, backend, experts, phases, resume, uuid.uuid4().hex,
                                 started)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
     print(json.dumps(result, indent=2))
-    print(f"outputs in {out}", file=sys.stderr)
+    print(plan.where_to_look(out, COMMAND_PHASES.get(args.command, ())), file=sys.stderr)
     if args.command == "grid" and grid.failed:
         first = next(iter(grid.failed.items()))
         print(f"mct-ray: error: {len(grid.failed)} grid cell(s) failed (first: {first[0]}: "

@@ -20,6 +20,7 @@ from mct_ray.data import ImageData
 from mct_ray.distill import SyntheticSet, init_synthetic
 from mct_ray.experts import accuracy, train_epoch
 from mct_ray.nets import NetSpec
+from mct_ray.progress import Progress
 from mct_ray.rng import derive_seed, generator
 
 
@@ -54,9 +55,12 @@ def train_and_test(cfg: Config, spec: NetSpec, syn: SyntheticSet, test_x: torch.
     aug = Augmenter(cfg.augment if e.augment else AugmentConfig(enabled=False))
     gen = generator(seed, "eval-batches")
     images, labels = syn.images.detach().to(device), syn.labels.to(device)
+    progress = Progress(f"evaluation of iteration {syn.iteration} on {model or spec.name}",
+                        e.epochs, unit="epochs")
     for _ in range(e.epochs):
         train_epoch(net, opt, images, labels, e.batch, aug, gen)
         sched.step()
+        progress.update(1)
     return accuracy(net, test_x, test_y)
 
 

@@ -18,6 +18,7 @@ from mct_ray.augment import Augmenter
 from mct_ray.config import ExpertConfig
 from mct_ray.data import ImageData
 from mct_ray.nets import NetSpec
+from mct_ray.progress import Progress
 from mct_ray.rng import derive_seed, generator
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, beta_from_step_norms, flatten
 
@@ -48,8 +49,10 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
 
 
 def train_epoch(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                batch: int, aug: Augmenter, gen: torch.Generator) -> float:
-    """One pass over (x, y) in shuffled minibatches; returns the mean loss."""
+                batch: int, aug: Augmenter, gen: torch.Generator,
+                progress: Progress | None = None) -> float:
+    """One pass over (x, y) in shuffled minibatches; returns the mean loss. `progress`
+    counts the images."""
     device = next(net.parameters()).device
     order = torch.randperm(len(x), generator=gen)
     total = 0.0
@@ -60,6 +63,8 @@ def train_epoch(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
         loss.backward()
         opt.step()
         total += float(loss.detach()) * len(idx)
+        if progress is not None:
+            progress.update(len(idx))
     return total / len(x)
 
 
@@ -100,8 +105,11 @@ def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augment
     snapshots = {0: snapshot()}
     checkpoints = [snapshots[0]] if cfg.keep_full else []
     step_norms = torch.zeros(cfg.epochs, len(prev), dtype=torch.float64)  # (K, T)
+    epoch = 0
+    progress = Progress(f"expert {expert_id}", cfg.epochs * len(data.train_x), unit="images",
+                        detail=lambda: f"epoch {epoch + 1}/{cfg.epochs}")
     for epoch in range(cfg.epochs):
-        loss = train_epoch(net, opt, data.train_x, data.train_y, cfg.batch, aug, gen)
+        loss = train_epoch(net, opt, data.train_x, data.train_y, cfg.batch, aug, gen, progress)
         with torch.no_grad():
             for i, (p, q) in enumerate(zip(params, prev)):
                 step_norms[epoch, i] = torch.linalg.vector_norm((p - q).double())

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import logging
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
-
-from tqdm import tqdm
 
 from mct_ray import formats
 from mct_ray import storage as layout
 from mct_ray.distill import Distiller, SyntheticSet
 from mct_ray.evaluate import EvalResult
+from mct_ray.progress import Progress
 from mct_ray.storage import Storage
 from mct_ray.tensorboard import TensorBoardLog
 
@@ -111,31 +109,6 @@ class Evaluations:
     @property
     def pending(self) -> list[PendingEval]:
         return list({p.iteration: p for p, _, _ in self.inflight.values()}.values())
-
-
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (files, pipes, Ray workers) a plain log line at
-    most every `every_s` seconds."""
-
-    def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True,
-                 every_s: float = 30.0):
-        self.desc, self.total, self.done, self.every_s = desc, total, initial, every_s
-        self.bar = tqdm(total=total, initial=initial, desc=desc) \
-            if enabled and sys.stderr.isatty() else None
-        self.last = time.monotonic()
-        self.enabled = enabled
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            log.info("%s: %d/%d", self.desc, self.done, self.total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def eval_iterations(every: int, iterations: int) -> list[int]:
@@ -256,7 +229,8 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
                  layout.STATE)
     todo = set(eval_iterations(cfg.eval.every, cfg.distill.iterations))
     loop_started, losses = time.perf_counter(), outcome.losses
-    bar = Progress("distill", cfg.distill.iterations, distiller.iteration, cfg.run.progress)
+    bar = Progress("distill", cfg.distill.iterations, distiller.iteration, cfg.run.progress,
+                   unit="iterations", bar=True)
     tb = TensorBoardLog(store) if cfg.run.tensorboard else None
     try:
         while True:

@@ -29,9 +29,9 @@ from mct_ray.distill import Distiller, SyntheticSet, init_synthetic
 from mct_ray.errors import DataError
 from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
-from mct_ray.loop import (DistillOutcome, EvalFuture, Finished, Progress, parts_with,
-                          run_distillation)
+from mct_ray.loop import DistillOutcome, EvalFuture, Finished, parts_with, run_distillation
 from mct_ray.nets import NetSpec, make_spec, resolve_kernels
+from mct_ray.progress import Progress
 from mct_ray.rng import generator
 from mct_ray.storage import Storage
 from mct_ray.trajectory import FullTrajectory, Trajectory
@@ -197,15 +197,12 @@ def train_missing_experts(ctx: Context, store: Storage, backend: Backend) -> dic
     """Train the experts 0 .. num_experts-1 not yet stored (with their full trajectory when
     the run keeps it), saving each as it arrives."""
     training = ctx.cfg.expert_training
-    stored = set(layout.expert_ids(store, full=False))
-    if training.keep_full:
-        stored &= set(layout.expert_ids(store, full=True))
-    missing = [i for i in range(training.num_experts) if i not in stored]
-    if stored:
+    missing = missing_experts(ctx, store)
+    if len(missing) < training.num_experts:
         log.info("%d experts already in %s; training %d", training.num_experts - len(missing),
                  store.uri_of(layout.EXPERTS), len(missing))
     bar = Progress("experts", training.num_experts, training.num_experts - len(missing),
-                   ctx.cfg.run.progress)
+                   ctx.cfg.run.progress, unit="experts", bar=True)
     accs = {}
     for result in backend.train_experts(missing):
         save_expert(store, result, training.store_init_as_seed)
@@ -216,6 +213,15 @@ def train_missing_experts(ctx: Context, store: Storage, backend: Backend) -> dic
     bar.close()
     return {"experts": training.num_experts, "trained": sorted(accs),
             "expert_test_acc": [accs[i] for i in sorted(accs)], **backend.placement()}
+
+
+def missing_experts(ctx: Context, store: Storage) -> list[int]:
+    """The experts 0 .. num_experts-1 not yet stored (in full too, when the run keeps it)."""
+    training = ctx.cfg.expert_training
+    stored = set(layout.expert_ids(store, full=False))
+    if training.keep_full:
+        stored &= set(layout.expert_ids(store, full=True))
+    return [i for i in range(training.num_experts) if i not in stored]
 
 
 def save_expert(store: Storage, result: ExpertResult, store_init_as_seed: bool) -> None:

@@ -20,21 +20,19 @@ TINY = [
 ]
 
 
-# The pure core: no Ray, no subprocess, no network (`pytest -m core`, under a minute).
-CORE_MODULES = {"test_config", "test_distill", "test_formats", "test_trajectory",
-                "test_fidelity", "test_data_formats", "test_tensorboard", "test_zoo",
-                "test_generic"}
+# Each test file declares its tier with `pytestmark` (tests/test_markers.py checks that the
+# declaration matches what the file does): exactly one of core, system, ray; slow and gpu
+# where they apply. `pytest -m core` and `pytest -m "not slow"` are the fast tiers.
+TIERS = {"core": "the pure core: no Ray, no subprocess, no server",
+         "system": "subprocesses, servers or Ray's own library, but no Ray cluster",
+         "ray": "starts or joins a Ray cluster"}
+MARKERS = {**TIERS, "slow": "takes more than ~20 s on 2 cores",
+           "gpu": "needs a CUDA device (skipped without one)"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "core: the pure-core tests (no Ray, no subprocess)")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in CORE_MODULES:
-            item.add_marker(pytest.mark.core)
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from mct_ray import formats
 from mct_ray.cli import main
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.core
+
 
 def run_cli(capsys, command, *argv):
     code = main([command, "--local", *argv])

@@ -14,6 +14,8 @@ import jsonschema
 import pytest
 import yaml
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_FILES = {"aws.yaml": "aws", "gcp.yaml": "gcp"}

@@ -9,6 +9,8 @@ import pytest
 from mct_ray.config import config_from_json, load_config, recipe_names
 from mct_ray.errors import ConfigError
 
+pytestmark = pytest.mark.core
+
 
 def test_all_shipped_recipes_load():
     names = recipe_names()

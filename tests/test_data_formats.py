@@ -21,6 +21,8 @@ from mct_ray.data import LOADERS, load_data
 from mct_ray.data import cifar
 from mct_ray.errors import DataError
 
+pytestmark = pytest.mark.core
+
 RNG = np.random.default_rng(0)
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]

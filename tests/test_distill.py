@@ -21,6 +21,8 @@ from mct_ray.nets import ConvNet, NetSpec
 from mct_ray.rng import generator
 from mct_ray.trajectory import unflatten
 
+pytestmark = pytest.mark.core
+
 SPEC = NetSpec("convnet", channels=1, resolution=8, num_classes=3, width=4, depth=1,
                norm="instancenorm")
 

@@ -21,6 +21,8 @@ from mct_ray.fastops import conv3x3
 from mct_ray.nets import NetSpec, make_spec
 from mct_ray.trajectory import unflatten
 
+pytestmark = pytest.mark.core
+
 
 # ---------------------------------------------------------------------------------------
 # Pixels.

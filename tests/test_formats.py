@@ -14,6 +14,8 @@ from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory
 
+pytestmark = pytest.mark.core
+
 
 def test_convex_round_trip(tiny_experts):
     traj = tiny_experts[0].convex

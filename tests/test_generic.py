@@ -22,6 +22,8 @@ from mct_ray.nets import NetSpec
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.core
+
 CONVNET = NetSpec("convnet", channels=3, resolution=16, num_classes=4, width=16, depth=2,
                   norm="instancenorm")
 

@@ -13,7 +13,7 @@ from mct_ray.config import AugmentConfig, DistillConfig
 from mct_ray.distill import GRAD_MODES, Segment, Student, plan_unroll
 from mct_ray.nets import NetSpec
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.core, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 SPEC = NetSpec("convnet", channels=3, resolution=32, num_classes=10, width=32, depth=3,

@@ -25,6 +25,8 @@ from mct_ray.errors import ConfigError
 from mct_ray.grid import build_grid, grid_png, summary_table
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.ray
+
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = ("best_acc_mean", "best_acc_std", "best_iteration", "final_acc_mean",
             "final_acc_std", "iterations_to_within_2pts", "random_acc_mean", "random_acc_std")
@@ -186,6 +188,7 @@ def finished_grid(ray_cluster, tmp_path_factory):
     return spec, out, buffer.getvalue()
 
 
+@pytest.mark.slow  # the grid fixture: a Tune run of 4 cells
 def test_grid_writes_a_row_per_cell_the_table_and_the_plot(finished_grid):
     _, out, printed = finished_grid
     rows = grid_rows(out)
@@ -221,6 +224,7 @@ def test_grid_writes_a_row_per_cell_the_table_and_the_plot(finished_grid):
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # the grid fixture: a Tune run of 4 cells
 def test_a_cell_equals_a_standalone_distillation_on_the_grids_experts(finished_grid, tmp_path):
     """The grid adds scheduling, not numerics: `mct-ray distill --local` with a cell's
     config.json and the grid's experts gives the cell's evaluations exactly."""
@@ -236,6 +240,7 @@ def test_a_cell_equals_a_standalone_distillation_on_the_grids_experts(finished_g
     assert [r["loss"] for r in ours[1:]] == [r["loss"] for r in alone[1:]]  # 0: no loss yet
 
 
+@pytest.mark.slow  # the grid fixture: a Tune run of 4 cells
 def test_experts_are_trained_once_and_shared(finished_grid):
     _, out, _ = finished_grid
     files = sorted(p.name for p in (out / "experts" / "digits" / "experts").iterdir())
@@ -245,6 +250,7 @@ def test_experts_are_trained_once_and_shared(finished_grid):
     assert {r["experts"] for r in grid_rows(out)} == {str(out / "experts" / "digits")}
 
 
+@pytest.mark.slow  # the grid fixture: a Tune run of 4 cells
 def test_a_grid_folder_is_not_reused_by_mistake(finished_grid, capsys):
     spec, out, _ = finished_grid
     assert "already holds a grid" in one_line_error(capsys, ["grid", "--spec", spec,
@@ -270,6 +276,7 @@ def _mtimes(paths) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in paths}
 
 
+@pytest.mark.slow
 def test_killed_grid_resumes_only_unfinished_cells_with_equal_results(
         finished_grid, ray_cluster, tmp_path, capsys):
     spec, reference, _ = finished_grid

@@ -18,6 +18,8 @@ from mct_ray.data import LOADERS, load_data
 from mct_ray.data import idx
 from mct_ray.errors import DataError
 
+pytestmark = pytest.mark.core
+
 RNG = np.random.default_rng(1)
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 

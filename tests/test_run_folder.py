@@ -23,6 +23,8 @@ from mct_ray import formats
 from mct_ray.cli import main
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 LONG = [*TINY, "distill.iterations=150", "distill.syn_steps=10", "eval.every=75",
         "run.checkpoint_every=1"]
@@ -134,8 +136,9 @@ def test_overwrite_replaces_a_finished_run(finished, tmp_path, capsys):
 ])
 def test_bad_input_fails_in_preflight_in_seconds_before_any_expert(finished, command, argv,
                                                                     message, tmp_path):
-    """As a job would run it (the Ray path, its own process): one line, exit 2, in well
-    under 10 seconds, with no Ray started and no expert trained."""
+    """As a job would run it (the Ray path, its own process): one line, exit 2, with no
+    Ray started and no expert trained. The bound is a 3x margin over what an idle machine
+    takes (about 6 s, mostly the interpreter and torch starting; bench/fail_fast.py)."""
     import shutil
 
     out = tmp_path / "out"
@@ -149,7 +152,7 @@ def test_bad_input_fails_in_preflight_in_seconds_before_any_expert(finished, com
     _, err = proc.communicate(timeout=60)
     seconds = time.monotonic() - started
     assert message in one_line(proc.returncode, err.decode())
-    assert seconds < 10, seconds
+    assert seconds < 30, seconds
     assert "Started a local Ray" not in err.decode()
     assert snapshot(out) == before
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
@@ -187,8 +190,10 @@ def test_a_ray_address_that_is_not_ray_fails_in_seconds(server, tmp_path):
     started = time.monotonic()
     proc = spawn("run", "--out", str(tmp_path / "out"), *TINY,
                  env={"RAY_ADDRESS": f"127.0.0.1:{port}"})
-    _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - started < 15
+    _, err = proc.communicate(timeout=120)
+    # Ray itself would retry for minutes; ours answers in about 10 s on an idle machine
+    # (a 5 s handshake limit and the start-up; bench/fail_fast.py): a 4x margin.
+    assert time.monotonic() - started < 45
     line = one_line(proc.returncode, err.decode())
     assert f"RAY_ADDRESS='127.0.0.1:{port}'" in line and "not a Ray cluster" in line
     if server == "http":

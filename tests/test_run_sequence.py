@@ -27,6 +27,8 @@ from mct_ray.cli import main
 from mct_ray.config import parse_overrides
 from tests.conftest import TINY
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = [*TINY, "expert.num_experts=3", "distill.iterations=100", "distill.syn_steps=10",
        "eval.every=50", "run.checkpoint_every=1"]

@@ -18,6 +18,8 @@ from mct_ray.cli import main
 from mct_ray.config import load_config
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.ray
+
 ray = pytest.importorskip("ray")
 
 
@@ -52,6 +54,7 @@ def local_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_ray_run_matches_local_run_and_spreads_experts(ray_cluster, local_run, tmp_path,
                                                        capsys):
     summary = run_json(capsys, "run", "--out", str(tmp_path), *TINY, "expert.num_experts=4",

@@ -15,6 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mct_ray.storage import Storage
 from mct_ray.tensorboard import TensorBoardLog
 
+pytestmark = pytest.mark.core
+
 
 def _read(log_dir: str) -> EventAccumulator:
     acc = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0})

@@ -9,6 +9,8 @@ import torch
 
 from mct_ray.trajectory import ConvexTrajectory, tensor_sizes
 
+pytestmark = pytest.mark.core
+
 
 def hand_beta(checkpoints: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Eq. 9 written out: per tensor, cumulative step norm over total, as loops in float64."""

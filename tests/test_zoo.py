@@ -16,6 +16,8 @@ from mct_ray.cli import main
 from mct_ray.nets import ConvNet, NetSpec
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.core
+
 SIZES = [(1, 8), (1, 28), (3, 32), (3, 64)]
 
 

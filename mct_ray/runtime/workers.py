@@ -17,6 +17,7 @@ from mct_ray.evaluate import EvalResult, eval_seed, train_and_test
 from mct_ray.experts import train_expert
 from mct_ray.loop import checkpoint_run_id, run_distillation
 from mct_ray.pipeline import Context, make_distiller
+from mct_ray.progress import configure_logging
 from mct_ray.runtime.codec import (data_from_numpy, expert_to_numpy, synthetic_from_numpy,
                                    synthetic_to_numpy, trajectory_from_numpy)
 from mct_ray.storage import Storage
@@ -30,6 +31,7 @@ def node_id() -> str:
 
 def train_expert_task(cfg: Config, data: dict, expert_id: int) -> dict:
     """One expert; the trajectory comes back as numpy arrays, owned by the caller."""
+    configure_logging()
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.expert_num_cpus)
     result = train_expert(ctx.spec, ctx.data, cfg.expert_training, ctx.aug, cfg.seed,
                           expert_id, ctx.device, ctx.kernels)
@@ -40,6 +42,7 @@ def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int,
                   model: str | None = None) -> float:
     """Train evaluation network `index` (of `model`, default the distillation's) on a
     snapshot; its test accuracy."""
+    configure_logging()
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.eval_num_cpus)
     syn = synthetic_from_numpy(snapshot)
     return train_and_test(cfg, ctx.spec, syn, ctx.data.test_x, ctx.data.test_y,
@@ -97,7 +100,7 @@ class DistillWorker:
     """
 
     def __init__(self, cfg: Config, out_uri: str, run_id: str):
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        configure_logging()
         self.cfg, self.store, self.run_id = cfg, Storage.open(out_uri), run_id
 
     def run(self, refs: dict, resume: bool, started: float) -> dict:
