@@ -240,6 +240,22 @@ def _cell_config(spec: dict, ds: str, ipc: int, method: str, seed: int,
         raise ConfigError(f"grid cell {ds}-ipc{ipc}-{method}-seed{seed}: {exc}") from None
 
 
+def _group_names(members: dict[tuple[str, str], list[Cell]]) -> dict[tuple[str, str], str]:
+    """A folder name per expert group: the data set; with several groups for it, and its
+    smallest ipc; where that is still shared (the presets of MCT and MTT differ in the
+    experts, as for Tiny ImageNet), and the methods."""
+    def name(ds: str, group: list[Cell], detail: int) -> str:
+        several = sum(1 for d, _ in members if d == ds) > 1
+        parts = [ds] + ([f"ipc{min(c.ipc for c in group)}"] if several else []) + \
+            ([m for m in METHODS if any(c.method == m for c in group)] if detail else [])
+        return "-".join(parts)
+
+    names = {k: name(k[0], g, 0) for k, g in members.items()}
+    shared = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {k: name(k[0], g, 1) if names[k] in shared else names[k]
+            for k, g in members.items()}
+
+
 def build_grid(name: str, overrides: list[str] | None = None, text: str | None = None) -> Grid:
     """Every cell's config, validated now (a bad one fails before any work), and the expert
     groups they share. Cells come largest ipc first, so the longest start first. `text`:
@@ -257,9 +273,9 @@ def build_grid(name: str, overrides: list[str] | None = None, text: str | None =
     for cell in cells:
         members[(cell.dataset, _expert_key(cell.cfg))].append(cell)
     group_of, groups = {}, []
+    names = _group_names(members)
     for (ds, key), group in members.items():
-        several = sum(1 for d, _ in members if d == ds) > 1
-        name_ = f"{ds}-ipc{min(c.ipc for c in group)}" if several else ds
+        name_ = names[(ds, key)]
         methods = tuple(m for m in METHODS if any(c.method == m for c in group))
         source = next((c for c in group if c.method == "mtt"), group[0]).cfg
         groups.append(ExpertGroup(name_, source.replace(seed=spec["expert_seed"]), methods))

@@ -43,10 +43,11 @@ class Progress:
     count alone does not say (the epoch, say)."""
 
     def __init__(self, desc: str, total: float, initial: float = 0, enabled: bool = True,
-                 unit: str = "it", bar: bool = False, every_s: float = EVERY_S,
+                 unit: str = "it", bar: bool = False, every_s: float | None = None,
                  detail: Callable[[], str] | None = None):
         self.desc, self.total, self.done, self.unit = desc, total, initial, unit
-        self.enabled, self.every_s, self.detail = enabled, every_s, detail
+        self.enabled, self.detail = enabled, detail
+        self.every_s = EVERY_S if every_s is None else every_s
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit) \
             if enabled and bar and sys.stderr.isatty() else None
         self.started = self.last = time.monotonic()

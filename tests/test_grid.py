@@ -309,3 +309,13 @@ def test_killed_grid_resumes_only_unfinished_cells_with_equal_results(
     resumed, uninterrupted = grid_rows(out), grid_rows(reference)
     assert [{k: r[k] for k in ("cell", *ACCURACY)} for r in resumed] == \
         [{k: r[k] for k in ("cell", *ACCURACY)} for r in uninterrupted]
+
+
+def test_the_paper_grid_builds_with_a_folder_per_expert_group():
+    # Tiny ImageNet's MCT and MTT presets train different experts at every ipc: the
+    # methods name their folders apart.
+    grid = build_grid("paper")
+    names = [g.name for g in grid.groups]
+    assert len(set(names)) == len(names) == 6
+    assert {"tinyimagenet-ipc1-mct", "tinyimagenet-ipc1-mtt"} <= set(names)
+    assert len(grid.cells) == 3 * 3 * 2 * 3
