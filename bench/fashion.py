@@ -10,6 +10,7 @@ full protocol (`--protocol full`) runs the recipes unchanged: for a GPU.
 
     python bench/fashion.py                        # reduced protocol, CPU, ~1 hour
     python bench/fashion.py --protocol full --device cuda --threads 8
+    python bench/fashion.py --protocol long        # 10-epoch experts, smoothed anchors, N=20
     python bench/fashion.py --protocol tiny        # a seconds-long smoke run (the tests)
     python bench/fashion.py --ipc 10 --iterations 150 --variants mct-tesla   # one part, longer
     python bench/fashion.py --ipc 1 --models resnet18 vgg11 alexnet   # cross-architecture
@@ -66,6 +67,17 @@ PROTOCOLS = {
                     "over": ["eval.epochs=300", "eval.num_eval=1"]},
                 10: {"seeds": [0], "iterations": 50, "every": 25,
                      "over": ["eval.epochs=200", "eval.num_eval=1", "distill.batch_syn=20"]}},
+    },
+    "long": {  # the check of the authors' code against ours: longer experts, smoothed
+        # anchors every 3 epochs (their compression script's 4 waypoints of 10 epochs)
+        "train_per_class": 600,  # 6,000 training images
+        "test_per_class": 0,  # the full test set
+        "experts": ["expert.num_experts=3", "expert.epochs=10", "expert.anchors=[3,6,9]",
+                    "expert.smooth_anchors=true"],
+        "segment": ["distill.syn_steps=20", "distill.expert_epochs=2",
+                    "distill.max_start_epoch=5", "distill.lr_img=100", "distill.lr_lr=1e-5"],
+        "ipc": {1: {"seeds": [0, 1, 2], "iterations": 200, "every": 25,
+                    "over": ["eval.epochs=300", "eval.num_eval=2"]}},
     },
     "full": {
         "train_per_class": 0, "test_per_class": 0, "experts": [], "segment": [],
