@@ -109,6 +109,11 @@ class DistillConfig:
     momentum: float = _f(0.5, lo=0.0, hi=0.999)
     min_step_size: float = _f(1e-6, lo=0.0, hi=1.0, doc="floor kept on the step size")
     grad_mode: str = _f("unroll", choices=("unroll", "checkpoint", "tesla"))
+    init_indices: str = _f("", doc="a starting-images file (another run's "
+                           "init_indices.json): start from those real images")
+    image_grad_scale: float = _f(1.0, lo=0.0, hi=1e6,
+                                 doc="multiplies the images' gradient before their update "
+                                 "(the authors' MCT code: 0.5, see fidelity)")
     checkpoint_segments: int = _f(0, lo=0, hi=10_000, doc="0: one per step (least memory)")
     autocast: str = _f("none", choices=("none", "bf16"),
                        doc="bf16: the student's forward under torch.autocast (for GPUs; "

@@ -80,18 +80,24 @@ class SyntheticSet:
         return int(self.info.get("iteration", 0))
 
 
-def init_synthetic(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, ipc: int,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """ipc real images per class, drawn without replacement; labels class-major."""
-    images, labels = [], []
+def draw_init_indices(train_y: torch.Tensor, num_classes: int, ipc: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """(num_classes * ipc,) indices into the training set: ipc per class, drawn without
+    replacement, class-major (the synthetic set's starting images)."""
+    picks = []
     for c in range(num_classes):
         idx = torch.nonzero(train_y == c).flatten()
         if len(idx) < ipc:
             raise FormatError(f"class {c} has {len(idx)} training images, fewer than ipc={ipc}")
-        pick = idx[torch.randperm(len(idx), generator=gen)[:ipc]]
-        images.append(train_x[pick])
-        labels.append(torch.full((ipc,), c, dtype=torch.long))
-    return torch.cat(images).clone(), torch.cat(labels)
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:ipc]])
+    return torch.cat(picks)
+
+
+def init_synthetic(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, ipc: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """ipc real images per class, drawn without replacement; labels class-major."""
+    idx = draw_init_indices(train_y, num_classes, ipc, gen)
+    return train_x[idx].clone(), train_y[idx].clone()
 
 
 def sample_segment(trajectories: list[Trajectory], cfg: DistillConfig, gen: torch.Generator,
@@ -292,8 +298,11 @@ class Distiller:
 
     def compute_grads(self, seg: Segment, plans: list[StepPlan]) -> torch.Tensor:
         """Fill images.grad and step_size.grad for one segment; returns the loss."""
-        return GRAD_MODES[self.cfg.grad_mode](self.student, self.images, self.step_size, seg,
+        loss = GRAD_MODES[self.cfg.grad_mode](self.student, self.images, self.step_size, seg,
                                               plans, self.cfg)
+        if self.cfg.image_grad_scale != 1.0 and self.images.grad is not None:
+            self.images.grad.mul_(self.cfg.image_grad_scale)
+        return loss
 
     def step(self) -> StepResult:
         gen = generator(self.seed, "distill", self.iteration)

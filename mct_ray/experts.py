@@ -79,11 +79,20 @@ def smoothing_epochs(cfg: ExpertConfig) -> tuple[int, ...]:
 
 
 def anchor_points(cfg: ExpertConfig, snapshots: dict[int, torch.Tensor]) -> torch.Tensor:
-    """(num_anchors, P): theta at 0, each interior anchor and K, smoothed when configured."""
+    """(num_anchors, P): theta at 0, each interior anchor and K, smoothed when configured.
+
+    Smoothing follows the authors' compression script step by step: the checkpoints are
+    smoothed in place, one anchor after another in increasing order (an anchor next to an
+    earlier one sees that one already smoothed), then the end becomes the mean of the
+    (possibly smoothed) second-last checkpoint and the last: with an anchor at K-1 the end
+    is 1/4 theta(K-2) + 3/4 theta(K)."""
     if not cfg.smooth_anchors:
         return torch.stack([snapshots[e] for e in (0, *cfg.anchors, cfg.epochs)])
-    pairs = [(e - 1, e + 1) for e in cfg.anchors] + [(cfg.epochs - 1, cfg.epochs)]
-    return torch.stack([snapshots[0]] + [(snapshots[a] + snapshots[b]) / 2 for a, b in pairs])
+    t = dict(snapshots)  # epoch -> parameters, smoothed in place as the script does
+    for e in cfg.anchors:  # increasing (config)
+        t[e] = (t[e - 1] + t[e + 1]) / 2
+    end = (t[cfg.epochs - 1] + t[cfg.epochs]) / 2
+    return torch.stack([t[0], *(t[e] for e in cfg.anchors), end])
 
 
 def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augmenter, seed: int,

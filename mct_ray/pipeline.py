@@ -20,19 +20,18 @@ from typing import Iterator, Protocol
 
 import torch
 
-from mct_ray import formats, report
+from mct_ray import formats, report, starting
 from mct_ray import storage as layout
 from mct_ray.augment import Augmenter
 from mct_ray.config import Config
 from mct_ray.data import ImageData, load_data
-from mct_ray.distill import Distiller, SyntheticSet, init_synthetic
+from mct_ray.distill import Distiller, SyntheticSet
 from mct_ray.errors import DataError
 from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
 from mct_ray.loop import DistillOutcome, EvalFuture, Finished, parts_with, run_distillation
 from mct_ray.nets import NetSpec, make_spec, resolve_kernels
 from mct_ray.progress import Progress
-from mct_ray.rng import generator
 from mct_ray.storage import Storage
 from mct_ray.trajectory import FullTrajectory, Trajectory
 
@@ -124,7 +123,7 @@ class LocalBackend:
     def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
                 started: float) -> DistillOutcome:
         trajectories = load_experts(experts, self.ctx.spec, self.ctx.cfg.needs_full)
-        return run_distillation(self.ctx, store, make_distiller(self.ctx, trajectories),
+        return run_distillation(self.ctx, store, make_distiller(self.ctx, trajectories, store),
                                 self.submit_eval, resume, run_id, started)
 
     def placement(self) -> dict:
@@ -252,11 +251,15 @@ def missing_experts_message(store: Storage, full: bool) -> str:
     return f"no {kind} under {store.uri_of(layout.EXPERTS)}"
 
 
-def make_distiller(ctx: Context, trajectories: list[Trajectory]) -> Distiller:
+def make_distiller(ctx: Context, trajectories: list[Trajectory],
+                   store: Storage | None = None) -> Distiller:
+    """The distiller, from the starting images the run folder `store` records (recording
+    them first); without a folder, from the given or drawn ones."""
     cfg = ctx.cfg
-    images, labels = init_synthetic(ctx.data.train_x, ctx.data.train_y, ctx.data.num_classes,
-                                    cfg.distill.ipc, generator(cfg.seed, "init"))
-    return Distiller(ctx.spec, trajectories, images, labels, cfg.distill, ctx.aug, cfg.seed,
+    idx = starting.starting_indices(ctx, store) if store is not None else starting.resolve(ctx)
+    idx = idx.to(ctx.data.train_x.device)
+    return Distiller(ctx.spec, trajectories, ctx.data.train_x[idx].clone(),
+                     ctx.data.train_y[idx].clone(), cfg.distill, ctx.aug, cfg.seed,
                      ctx.device, ctx.kernels)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mct_ray import storage as layout
-from mct_ray import zoo
+from mct_ray import starting, zoo
 from mct_ray.config import check_expert_epochs
 from mct_ray.errors import ConfigError, DataError
 from mct_ray.pipeline import Context, load_expert, missing_experts_message
@@ -30,6 +30,7 @@ def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
                 f"config key 'distill.ipc' is {cfg.distill.ipc}, but class {smallest} "
                 f"('{ctx.data.class_names[smallest]}') of {ctx.data.name} has only "
                 f"{int(counts[smallest])} training images")
+        starting.given(ctx)  # a starting-images file: readable, of this data set and ipc
     if "experts" in phases:  # experts already stored must be of this network and length
         stored = layout.expert_ids(experts, full=False)
         if stored:

@@ -69,7 +69,8 @@ TENSORBOARD = "tb"
 EVAL = "eval.json"
 LOCK = ".lock"
 # What a run's distillation writes: a folder holding any of them has a run to resume.
-DISTILL_OUTPUTS = (STATE, SUMMARY, SYNTHETIC, LAST, METRICS, GRID_PNG, CURVE_PNG)
+INIT_INDICES = "init_indices.json"  # the synthetic set's starting images (starting.py)
+DISTILL_OUTPUTS = (STATE, SUMMARY, SYNTHETIC, LAST, METRICS, GRID_PNG, CURVE_PNG, INIT_INDICES)
 
 GRID_JSON = "grid.json"
 GRID_TABLE = "grid.parquet"

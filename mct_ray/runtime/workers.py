@@ -87,7 +87,7 @@ def distill_from_refs(ctx: Context, store: Storage, expert_refs: list, submit, r
     this process (the actor below, or a grid trial)."""
     trajectories = [trajectory_from_numpy(d, ctx.spec, ctx.cfg.needs_full)
                     for d in ray.get(expert_refs)]
-    return run_distillation(ctx, store, make_distiller(ctx, trajectories), submit, resume,
+    return run_distillation(ctx, store, make_distiller(ctx, trajectories, store), submit, resume,
                             run_id, started)
 
 
