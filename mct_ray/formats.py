@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from mct_ray import zoo
 from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
 from mct_ray.nets import NetSpec
@@ -89,11 +90,12 @@ def _check_spec(name: str, found: NetSpec, expected: NetSpec | None) -> None:
         raise FormatError(f"{name}: network does not match the config ({diffs})")
 
 
-def _spec_from(meta: dict, name: str) -> NetSpec:
-    """The network a file was written for. The description holds the spec, the factory's
-    arguments and every parameter's name and shape (`NetSpec.describe`); the parameters are
-    checked against the network the spec builds now, so a factory whose code changed since
-    is named rather than loaded into the wrong layout."""
+def _spec_from(meta: dict, name: str, expected: NetSpec | None) -> NetSpec:
+    """The network a file was written for, compared with the config's as plain data before
+    anything of the file's is built: a file runs no code. Its factory is built only when it
+    is the config's own (or a zoo network); then the stored parameter names and shapes are
+    checked against what the spec builds now, so a factory whose code changed since is
+    named rather than loaded into the wrong layout."""
     try:
         described = dict(meta["net"])
         stored = described.pop("parameters", None)
@@ -101,6 +103,13 @@ def _spec_from(meta: dict, name: str) -> NetSpec:
         spec = NetSpec.from_dict(described)
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{name}: missing or malformed network description") from None
+    types = {f: type(v) for f, v in spec.to_dict().items()}
+    if types != {f: (str if f in ("name", "norm") else int) for f in types}:
+        raise FormatError(f"{name}: malformed network description ({types})")
+    _check_spec(name, spec, expected)
+    if expected is None and spec.name not in zoo.MODELS:
+        raise FormatError(f"{name}: written for the network factory '{spec.name}', which a "
+                          "file alone never imports; give the config that names it (net.name)")
     if stored is not None:
         now = [[n, list(s)] for n, s in spec.param_shapes()]
         if stored != now:
@@ -137,8 +146,7 @@ def save_trajectory(traj: Trajectory, init_seed: int | None = None) -> bytes:
 
 def load_trajectory(data: bytes, name: str, expected: NetSpec | None = None) -> Trajectory:
     tensors, meta = unpack(data, TRAJECTORY, name)
-    spec = _spec_from(meta, name)
-    _check_spec(name, spec, expected)
+    spec = _spec_from(meta, name, expected)
     num_params, num_tensors = spec.num_params, len(spec.param_shapes())
     kind = meta.get("kind")
     try:
@@ -183,7 +191,7 @@ def save_synthetic(syn: SyntheticSet, spec: NetSpec) -> bytes:
 
 def load_synthetic(data: bytes, name: str, expected: NetSpec | None = None) -> SyntheticSet:
     tensors, meta = unpack(data, SYNTHETIC, name)
-    _check_spec(name, _spec_from(meta, name), expected)
+    _spec_from(meta, name, expected)
     try:
         images, labels, step = tensors["images"], tensors["labels"], float(meta["step_size"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -347,7 +347,7 @@ def finish(ctx: Context, store: Storage, experts: Storage, outcome: DistillOutco
         summary["models"] = models  # the best set on other architectures
     store.write_json(layout.SUMMARY, summary)
     best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
-                                  store.uri_of(layout.SYNTHETIC))
+                                  store.uri_of(layout.SYNTHETIC), ctx.spec)
     store.write_bytes(layout.GRID_PNG, report.image_grid_png(best, ctx.data.num_classes))
     store.write_bytes(layout.CURVE_PNG, report.curve_png(outcome.rows, summary, ctx.cfg))
     log.info("best %.2f %% at iteration %d, final %.2f %%, random real %s; in %.0f s",

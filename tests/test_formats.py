@@ -133,3 +133,53 @@ def test_header_that_is_json_but_not_an_object(header):
     data = struct.pack("<Q", len(header)) + header
     with pytest.raises(FormatError, match="not a JSON object of strings"):
         formats.read_header(data, "x.safetensors")
+
+
+EVIL = '''
+import pathlib
+pathlib.Path(__file__).with_name("imported").write_text("the module ran")
+def make(*args, **kwargs):
+    pathlib.Path(__file__).with_name("called").write_text("the factory ran")
+'''
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "synthetic"])
+def test_a_crafted_file_naming_a_factory_runs_no_code(tiny_experts, tmp_path, monkeypatch,
+                                                      capsys, kind):
+    """A file whose network description names an importable function (with a checksum
+    recomputed, as anyone can) is refused, by the loaders and by the commands that read
+    such files, and nothing of its is imported or called."""
+    (tmp_path / "evil_mod.py").write_text(EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    traj = tiny_experts[0].convex
+    if kind == "trajectory":
+        data, fmt = formats.save_trajectory(traj), formats.TRAJECTORY
+    else:
+        syn = SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10), 0.01, {})
+        data, fmt = formats.save_synthetic(syn, traj.spec), formats.SYNTHETIC
+    tensors, meta = formats.unpack(data, fmt, "x")
+    meta["net"]["name"] = "evil_mod:make"
+    crafted = formats.pack(fmt, tensors, meta)
+    load = formats.load_trajectory if kind == "trajectory" else formats.load_synthetic
+    with pytest.raises(FormatError, match="network does not match the config"):
+        load(crafted, "x", traj.spec)
+    with pytest.raises(FormatError, match="which a file alone never imports"):
+        load(crafted, "x")
+    from mct_ray import storage
+    from mct_ray.cli import main
+    from tests.conftest import TINY
+
+    folder = tmp_path / "shared"
+    if kind == "trajectory":
+        (folder / "experts").mkdir(parents=True)
+        (folder / storage.expert_name(0)).write_bytes(crafted)
+        argv = ["distill", "--local", "--out", str(tmp_path / "out"), "--experts",
+                str(folder), *TINY]
+    else:
+        folder.mkdir()
+        (folder / "set.safetensors").write_bytes(crafted)
+        argv = ["eval", "--local", "--out", str(tmp_path / "out"), "--synthetic",
+                str(folder / "set.safetensors"), *TINY]
+    assert main(argv) == 2
+    assert "network does not match the config" in capsys.readouterr().err
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "called").exists()
