@@ -437,3 +437,22 @@ def test_load_data_resizes_tiny(tmp_path):
     data = load_data(DataConfig(name="tinyimagenet", root=str(tmp_path), resolution=32))
     assert data.shape == (3, 32, 32) and data.num_classes == 2
 
+
+
+def test_sixteen_bit_grayscale_pngs_keep_their_values(tmp_path):
+    """16-bit PNGs decode as PIL's I;16: each pixel v becomes v / 65535 (to 8 bits), not
+    white, as PIL's own convert("L") would make it."""
+    gen = np.random.default_rng(0)
+    values = {}
+    for key in ("train/cat", "train/dog", "val/cat", "val/dog"):
+        px = gen.integers(0, 65536, size=(8, 8), dtype=np.uint16)
+        (tmp_path / key).mkdir(parents=True)
+        Image.fromarray(px).save(tmp_path / key / "a.png", format="PNG")
+        assert Image.open(tmp_path / key / "a.png").mode.startswith("I")
+        values[key] = px
+    raw = LOADERS["imagefolder"](cfg("imagefolder", tmp_path))
+    assert raw.train_x.shape == (2, 1, 8, 8)
+    want = torch.from_numpy(np.stack([values["train/cat"], values["train/dog"]])[:, None]
+                            .astype(np.float64) / 65535)
+    assert float((raw.train_x.double() - want).abs().max()) <= 0.5 / 255 + 1e-6
+    assert float(raw.train_x.std()) > 0.2  # spread over [0, 1], not all white

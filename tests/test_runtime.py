@@ -265,3 +265,23 @@ def test_cross_architecture_eval_on_ray_equals_local(ray_cluster, local_run, tmp
     local = run_json(capsys, "eval", "--local", "--out", str(tmp_path), *args)
     assert on_ray["models"] == local["models"] and sorted(local["models"]) == ["convnet-nn",
                                                                                "mlp"]
+
+
+def test_without_ray_address_a_command_starts_its_own_ray_and_joins_no_other(ray_cluster,
+                                                                             tmp_path):
+    """A Ray already running on the machine (this session's, whose address file a plain
+    ray.init() would find) is someone else's: a command without RAY_ADDRESS starts its own."""
+    import os
+    import subprocess
+    import sys
+
+    from ray._private import state
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "mct_ray.cli", "run", "--out",
+                           str(tmp_path / "out"), *TINY, "ray.num_cpus=1"],
+                          capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "started a local Ray for this job (1.0 CPUs)" in proc.stderr
+    assert proc.pid not in {j["DriverPid"] for j in state.jobs()}

@@ -69,7 +69,7 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
 def _open(path: Path) -> Image.Image:
@@ -88,11 +88,22 @@ def channels_of(paths: Sequence[Path]) -> int:
     return 1
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit integer grayscale (PIL's I;16* and I modes, e.g. a 16-bit PNG) scaled
+    to 8 bits: PIL's own convert("L") clips every value above 255 to white."""
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    pixels = np.asarray(img, dtype=np.float64)
+    if pixels.min() < 0 or pixels.max() > 65535:
+        raise ValueError(f"{img.mode} pixels outside [0, 65535]")
+    return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8), "L")
+
+
 def _decode(path: Path, size: int | None, channels: int) -> np.ndarray:
     """One image as (channels, H, W) uint8 (gray or RGB), resized to size x size if given."""
     try:
         with _open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+            img = _eight_bit(img).convert("L" if channels == 1 else "RGB")
             if size and img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img).reshape(img.size[1], img.size[0], channels).transpose(2, 0, 1)

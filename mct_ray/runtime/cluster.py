@@ -87,7 +87,9 @@ def connect(cfg: RayConfig) -> bool:
         kwargs["num_cpus"] = cfg.num_cpus
     if cfg.object_store_mb:
         kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
-    ray.init(**kwargs)
+    # address="local": always a new Ray of this job's own, never one already running on the
+    # machine (a plain ray.init() would join that, someone else's, without saying so).
+    ray.init(address="local", **kwargs)
     log.info("started a local Ray for this job (%s CPUs)", ray.cluster_resources().get("CPU"))
     return True
 
