@@ -21,7 +21,8 @@ from mct_ray import formats
 from mct_ray import storage as layout
 from mct_ray.distill import Distiller, SyntheticSet
 from mct_ray.evaluate import EvalResult
-from mct_ray.progress import Progress
+from mct_ray import progress
+from mct_ray.progress import Progress, duration
 from mct_ray.storage import Storage
 from mct_ray.tensorboard import TensorBoardLog
 
@@ -97,13 +98,31 @@ class Evaluations:
                 self.inflight[(p.iteration, i)] = (p, model,
                                                    self.submit_fn(p.syn, "syn", model))
 
-    def poll(self, wait: bool = False) -> list[tuple[PendingEval, str | None, EvalResult]]:
+    def poll(self) -> list[tuple[PendingEval, str | None, EvalResult]]:
+        """The evaluations that have finished (none is waited for)."""
         done = []
         for key in sorted(self.inflight):
             p, model, future = self.inflight[key]
-            if wait or future.done():
+            if future.done():
                 done.append((p, model, future.result()))
                 del self.inflight[key]
+        return done
+
+    def wait_all(self) -> list[tuple[PendingEval, str | None, EvalResult]]:
+        """Every evaluation still in flight, as each finishes. While some cannot finish (on
+        Ray: a cluster with no room for them beside the distiller), a line every 30 s says
+        what is awaited, so a wait is never silent."""
+        done, started = self.poll(), time.monotonic()
+        last = started
+        while self.inflight:
+            time.sleep(0.1)
+            done += self.poll()
+            if self.inflight and time.monotonic() - last >= progress.EVERY_S:
+                last = time.monotonic()
+                log.info("waiting %s for %d evaluations of iterations %s (on Ray: each needs "
+                         "room on the cluster beside the distiller; `ray status` shows what "
+                         "is pending)", duration(last - started), len(self.inflight),
+                         sorted({p.iteration for p, _, _ in self.inflight.values()}))
         return done
 
     @property
@@ -257,7 +276,7 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
                     tb.scalars({"distill/loss": step.loss, "distill/step_size": step.step_size},
                                step.iteration)
             bar.update(1)
-        for p, model, result in evals.poll(wait=True):
+        for p, model, result in evals.wait_all():
             record_eval(store, ctx, outcome, p, model, result, tb)
         save_checkpoint(store, ctx, distiller, outcome, [], run_id, started)
     finally:  # a DivergenceError still leaves the event files complete

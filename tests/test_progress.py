@@ -77,3 +77,37 @@ def test_the_closing_lines_say_where_to_look():
                  "tensorboard --logdir runs/x/tb"):
         assert name in text
     assert "mct-ray distill" in plan.where_to_look("runs/x", ("experts",))
+
+
+def test_a_wait_for_evaluations_that_cannot_run_is_never_silent(caplog, monkeypatch):
+    from mct_ray.evaluate import EvalResult
+    from mct_ray.loop import Evaluations
+
+    class Stuck:  # an evaluation with no room to run: done only after a while
+        def __init__(self):
+            self.polls = 0
+
+        def done(self):
+            self.polls += 1
+            return self.polls > 3
+
+        def result(self):
+            return EvalResult((0.5,))
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, "mct_ray.loop")
+    evals = Evaluations(lambda syn, tag, model: Stuck(), (None,))
+    evals.submit(_pending(100))
+    done = evals.wait_all()
+    assert [p.iteration for p, _, _ in done] == [100]
+    assert any("waiting" in r.getMessage() and "1 evaluations of iterations [100]" in
+               r.getMessage() for r in caplog.records)
+
+
+def _pending(iteration):
+    import torch
+
+    from mct_ray.distill import SyntheticSet
+    from mct_ray.loop import PendingEval
+    return PendingEval(SyntheticSet(torch.zeros(1, 1, 2, 2), torch.zeros(1), 0.01,
+                                    {"iteration": iteration}), 0.0, 0.0)
