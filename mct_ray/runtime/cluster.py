@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 
 import ray
 
@@ -69,10 +71,22 @@ def connect(cfg: RayConfig) -> bool:
     """Connect this driver to Ray; True when this call started it (the caller shuts it down).
 
     With RAY_ADDRESS set, join that cluster; without, start a Ray for this job alone. A Ray
-    already initialised in this process (tests, notebooks) is used as it is.
+    already initialised in this process (tests, notebooks) is used as it is. ray.init
+    replaces the process's SIGTERM handler with a bare sys.exit; the caller's is put back,
+    so SIGTERM ends a command on Ray as it does without (exit 143, one line).
     """
     if ray.is_initialized():
         return False
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        return _init(cfg)
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init(cfg: RayConfig) -> bool:
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         _check_reachable(address)
