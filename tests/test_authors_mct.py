@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, ExpertConfig, load_config
-from mct_ray.distill import Distiller, Segment, Student, plan_unroll, sample_segment
+from mct_ray.distill import Distiller, Segment, plan_unroll, sample_segment
 from mct_ray.experts import anchor_points, smoothing_epochs, train_expert
 from mct_ray.nets import NetSpec
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten, unflatten
@@ -195,24 +195,28 @@ def authors_tesla(images, labels, start, target, syn_lr: float, plans, aug):
     return image_grad, lr_grad
 
 
-def test_one_tesla_iteration_equals_the_authors_gradients():
-    gen = torch.Generator().manual_seed(0)
+def tesla_case(seed: int, batch: int, num_steps: int, syn_lr: float, overrides: list[str]):
+    """Images, a segment and a step plan; the authors' gradients for them; and a Distiller
+    of the Fashion-MNIST MCT preset (with `overrides`) that has filled its own."""
+    gen = torch.Generator().manual_seed(seed)
     images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     start = [p.double() for p in SPEC.init_params(gen)]
     target = [p + 0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
               for p in start]
     aug = Augmenter(AugmentConfig(enabled=True, mode="all"))
-    plans = plan_unroll(6, 4, 5, 8, aug, gen)  # minibatches of 4 in shuffled passes, DSA
-    syn_lr = 0.02
-    theirs_x, theirs_lr = authors_tesla(images, labels, start, target, syn_lr, plans, aug)
-
-    cfg = load_config("fashion-mnist-ipc1").distill  # the MCT preset: tesla, scale 0.5
-    assert (cfg.grad_mode, cfg.image_grad_scale) == ("tesla", 0.5)
+    plans = plan_unroll(6, batch, num_steps, 8, aug, gen)  # shuffled passes, DSA
+    theirs = authors_tesla(images, labels, start, target, syn_lr, plans, aug)
+    cfg = load_config("fashion-mnist-ipc1", overrides).distill
     distiller = Distiller(SPEC, [ours(random_checkpoints(2), ())], images, labels, cfg, aug, 0)
     distiller.step_size = torch.tensor(syn_lr, dtype=torch.float64, requires_grad=True)
-    distiller.student = Student(SPEC, labels, aug)
     distiller.compute_grads(Segment(0, 0.0, 1.0, start, target), plans)
+    return theirs, distiller
+
+
+def test_one_tesla_iteration_equals_the_authors_gradients():
+    (theirs_x, theirs_lr), distiller = tesla_case(0, 4, 5, 0.02, [])
+    assert (distiller.cfg.grad_mode, distiller.cfg.image_grad_scale) == ("tesla", 0.5)
     torch.testing.assert_close(distiller.images.grad, theirs_x, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(distiller.step_size.grad, theirs_lr, rtol=1e-6, atol=1e-12)
     assert float(theirs_x.abs().max()) > 1e-6  # not vacuous
@@ -221,18 +225,7 @@ def test_one_tesla_iteration_equals_the_authors_gradients():
 def test_the_full_image_gradient_is_twice_the_authors():
     """Without the preset's scale, the image gradient is the TESLA-style gradient of the
     matching loss itself: twice the authors'; the step size's is unchanged."""
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    start = [p.double() for p in SPEC.init_params(gen)]
-    target = [p + 0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
-              for p in start]
-    aug = Augmenter(AugmentConfig(enabled=True, mode="all"))
-    plans = plan_unroll(6, 6, 3, 8, aug, gen)
-    theirs_x, theirs_lr = authors_tesla(images, labels, start, target, 0.01, plans, aug)
-    cfg = load_config("fashion-mnist-ipc1", ["distill.image_grad_scale=1"]).distill
-    distiller = Distiller(SPEC, [ours(random_checkpoints(2), ())], images, labels, cfg, aug, 0)
-    distiller.step_size = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
-    distiller.compute_grads(Segment(0, 0.0, 1.0, start, target), plans)
+    (theirs_x, theirs_lr), distiller = tesla_case(1, 6, 3, 0.01,
+                                                  ["distill.image_grad_scale=1"])
     torch.testing.assert_close(distiller.images.grad, 2 * theirs_x, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(distiller.step_size.grad, theirs_lr, rtol=1e-6, atol=1e-12)

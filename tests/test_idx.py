@@ -193,7 +193,10 @@ def test_bench_fashion_tiny_protocol_runs(tmp_path):
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "out" / "fashion_tiny.parquet").to_pylist()
-    assert {r["variant"] for r in rows} == {v[0] for v in fashion.VARIANTS}
+    assert {r["variant"] for r in rows} == {v[0] for v in fashion.VARIANTS} | {
+        fashion.RANDOM_DRAWS}
+    assert len([r for r in rows if r["variant"] == fashion.RANDOM_DRAWS]) == \
+        fashion.NUM_RANDOM_DRAWS
     assert (tmp_path / "out" / "fashion_tiny.png").stat().st_size > 0
     cross = pq.read_table(tmp_path / "out" / "fashion_tiny_cross.parquet").to_pylist()
     assert {(r["variant"], r["model"]) for r in cross} == {

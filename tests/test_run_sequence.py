@@ -161,7 +161,7 @@ def test_partial_experts_and_a_killed_run_resume_to_the_same_result(backend, tmp
     # (b) killed mid-distillation (SIGKILL: no cleanup at all), then resumed.
     killed = tmp_path / "killed"
     proc = backend.start(killed)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 900  # a hang guard only: a loaded machine is slower
     while state_iteration(backend.folder(killed)) < 20:
         assert proc.poll() is None and time.monotonic() < deadline, \
             (tmp_path / "killed.log").read_text()[-3000:]

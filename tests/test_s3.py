@@ -75,7 +75,7 @@ def moto_server(tmp_path_factory):
                              "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a hang guard; it starts in seconds
         while True:
             try:
                 urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1).read()
