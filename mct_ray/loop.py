@@ -17,11 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from mct_ray import formats
+from mct_ray import formats, progress
 from mct_ray import storage as layout
 from mct_ray.distill import Distiller, SyntheticSet
 from mct_ray.evaluate import EvalResult
-from mct_ray import progress
 from mct_ray.progress import Progress, duration
 from mct_ray.storage import Storage
 from mct_ray.tensorboard import TensorBoardLog

@@ -27,7 +27,8 @@ STUDENT_STEP_COST = 3  # a student step with its gradient and the outer backward
 
 
 def seconds_per_step(ctx, batch: int, repeats: int = 2) -> float:
-    """Median-free, warm: one untimed step, then the fastest of `repeats` timed ones."""
+    """Seconds of one training step of the run's network on `batch` images: one untimed
+    warm-up step, then the fastest of `repeats` timed ones."""
     net = ctx.spec.module(ctx.spec.init_params(torch.Generator().manual_seed(0)),
                           ctx.kernels).to(ctx.device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
@@ -64,7 +65,13 @@ class Plan:
 
 def estimate(ctx, phases: tuple[str, ...], num_missing_experts: int) -> Plan:
     cfg, data = ctx.cfg, ctx.data
-    lines, seconds = [], {}
+    lines, seconds, timed = [], {}, {}
+
+    def step_s(batch: int) -> float:  # each batch size timed once (they often coincide)
+        if batch not in timed:
+            timed[batch] = seconds_per_step(ctx, batch)
+        return timed[batch]
+
     net = f"{cfg.net.name} (width {cfg.net.width}, depth {cfg.net.depth})"
     lines.append(f"data set {data.name}: {len(data.train_x):,} training images "
                  f"{tuple(data.shape)}, {data.num_classes} classes; network {net} on "
@@ -76,7 +83,7 @@ def estimate(ctx, phases: tuple[str, ...], num_missing_experts: int) -> Plan:
                                                   if e.keep_full else ""))
         if num_missing_experts:
             steps = num_missing_experts * e.epochs * math.ceil(len(data.train_x) / e.batch)
-            seconds["experts"] = steps * seconds_per_step(ctx, e.batch)
+            seconds["experts"] = steps * step_s(e.batch)
     if "distill" in phases:
         d, ev = cfg.distill, cfg.eval
         num_syn = d.ipc * data.num_classes
@@ -84,7 +91,7 @@ def estimate(ctx, phases: tuple[str, ...], num_missing_experts: int) -> Plan:
                      f"{d.syn_steps} student steps on {num_syn} synthetic images "
                      f"(ipc {d.ipc}), gradient {d.grad_mode}")
         seconds["distillation"] = d.iterations * d.syn_steps * STUDENT_STEP_COST * \
-            seconds_per_step(ctx, d.batch_syn or num_syn)
+            step_s(d.batch_syn or num_syn)
         points = len(eval_iterations(ev.every, d.iterations)) + (1 if ev.baseline else 0)
         networks = points * ev.num_eval
         lines.append(f"evaluations: {points} points (every {ev.every} iterations"
@@ -92,7 +99,7 @@ def estimate(ctx, phases: tuple[str, ...], num_missing_experts: int) -> Plan:
                      f"{ev.num_eval} networks x {ev.epochs} epochs"
                      + (f", and the best set on {', '.join(ev.models)}" if ev.models else ""))
         seconds["evaluations"] = networks * ev.epochs * math.ceil(num_syn / ev.batch) * \
-            seconds_per_step(ctx, min(ev.batch, num_syn))
+            step_s(min(ev.batch, num_syn))
     return Plan(tuple(lines), seconds)
 
 

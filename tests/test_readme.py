@@ -28,8 +28,7 @@ def commands(markdown: str) -> list[list[str]]:
     out = []
     for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            for part in shlex.split(line, comments=True) and \
-                    " ".join(shlex.split(line, comments=True)).split(" && "):
+            for part in " ".join(shlex.split(line, comments=True)).split(" && "):
                 argv = shlex.split(part)
                 while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
                     argv = argv[1:]
