@@ -106,7 +106,8 @@ def _backend(ctx: pipeline.Context, local: bool):
 
 def run_command(args: argparse.Namespace) -> dict:
     """Check everything that can be checked, take the run folder, then run the command's
-    phases on the chosen backend. Nothing is written before the checks pass."""
+    phases on the chosen backend. Nothing is written before the checks pass (the folder
+    check is repeated under the lock: another writer may have finished meanwhile)."""
     started = time.time()
     cfg = _config(args)
     args.out = cfg.run.out
@@ -120,11 +121,13 @@ def run_command(args: argparse.Namespace) -> dict:
     given = getattr(args, "experts", None)
     experts = Storage.open(given) if given else store
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
-    lock = RunLock.acquire(store, args.command)
+    RunLock.check_free(store)
+    runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
+    ctx = pipeline.Context.build(cfg)
+    preflight.check(ctx, phases, experts)
+    lock = RunLock.acquire(store, args.command)  # the first write to the output location
     try:
         runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
-        ctx = pipeline.Context.build(cfg)
-        preflight.check(ctx, phases, experts)
         if args.command == "eval":
             source, name = _synthetic_source(store, args.synthetic)
             with _backend(ctx, args.local) as backend:

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -132,7 +132,7 @@ class EvalConfig:
     weight_decay: float = _f(5e-4, lo=0.0, hi=1.0)
     augment: bool = _f(True)
     baseline: bool = _f(True, doc="also score random real images at the same ipc")
-    models: tuple = _f((), doc="architectures that judge the synthetic set besides the "
+    models: tuple[str, ...] = _f((), doc="architectures that judge the synthetic set besides the "
                        "distillation network (mct_ray.zoo: convnet, resnet18, vgg11, alexnet, "
                        "mlp, ...; or 'my_pkg.module:function'), each with eval.num_eval "
                        "networks; the random-real baseline is scored on each too")
@@ -282,6 +282,9 @@ def _coerce(key: str, value: Any, typ: Any, meta: dict) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         value = tuple(value)
+        item = get_args(typ)[0] if get_args(typ) else None
+        if item is str and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of names, got {list(value)!r}")
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if choices is not None and value not in choices:
         allowed = ", ".join(map(str, choices))
@@ -396,10 +399,13 @@ def _recipe_dict(name: str, seen: tuple = ()) -> dict:
         raise ConfigError(f"recipe '{name}' names itself as a base")
     if is_config_file(name):
         try:
-            with open(name) as f:
+            with open(name, encoding="utf-8") as f:
                 text = f.read()
         except OSError as exc:
             raise ConfigError(f"config file '{name}' cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file '{name}' is not UTF-8 text (byte {exc.start})"
+                              ) from None
     elif name in recipe_names():
         text = (resources.files("mct_ray") / "recipes" / f"{name}.yaml").read_text()
     else:
@@ -453,4 +459,7 @@ def config_from_json(text: str) -> Config:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config.json is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config.json must hold a mapping of sections, got "
+                          f"{type(values).__name__}")
     return from_dict(values)

@@ -4,7 +4,9 @@ The config checked itself when it was built (keys, ranges, cross-key rules); the
 proved the output writable and, for Ray, the cluster reachable, and loading the data set
 proved it present. What is left needs the data or the stored experts: the synthetic set's
 ipc against the smallest class, and the experts a distillation will read (present, of the
-kind its method needs, of this network, long enough for the segments it samples).
+kind its method needs, of this network, long enough for the segments it samples; every
+one of them is read here, so a corrupt one fails before anything is written), and a data set
+of at least two classes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from mct_ray.storage import Storage
 
 def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
     cfg = ctx.cfg
+    if ctx.data.num_classes < 2:
+        raise DataError(f"{ctx.data.name} has {ctx.data.num_classes} class; a classifier "
+                        "(and a synthetic set per class) needs at least 2")
     zoo.check(cfg.eval.models)
     if "distill" in phases:
         counts = torch.bincount(ctx.data.train_y, minlength=ctx.data.num_classes)
@@ -44,6 +49,7 @@ def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
         ids = layout.expert_ids(experts, cfg.needs_full)
         if not ids:
             raise DataError(missing_experts_message(experts, cfg.needs_full))
-        traj = load_expert(experts, ids[0], ctx.spec, cfg.needs_full)
-        check_expert_epochs(cfg.distill, traj.num_epochs,
-                            experts.uri_of(layout.expert_name(ids[0], cfg.needs_full)))
+        for i in ids:  # each one read and checked now, not when the distillation needs it
+            traj = load_expert(experts, i, ctx.spec, cfg.needs_full)
+            check_expert_epochs(cfg.distill, traj.num_epochs,
+                                experts.uri_of(layout.expert_name(i, cfg.needs_full)))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from mct_ray import storage as layout
 from mct_ray.config import Config, flatten
-from mct_ray.errors import ConfigError, MctRayError, StorageError
+from mct_ray.errors import ConfigError, FormatError, MctRayError, StorageError
 from mct_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class RunLock:
         data = json.dumps(holder).encode()
         for _ in range(2):  # a second try after removing a dead holder's lock
             if store.is_local:
+                os.makedirs(store.root, exist_ok=True)
                 try:
                     fd = os.open(store.path(layout.LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 except FileExistsError:
@@ -76,6 +77,13 @@ class RunLock:
         cls._refuse_or_clear(store, clear=False)
         raise AssertionError("unreachable")
 
+    @classmethod
+    def check_free(cls, store: Storage) -> None:
+        """Refuse now if a live writer holds the folder (read only: the checks that follow
+        must not change the output location; `acquire` takes the lock after them)."""
+        if store.exists(layout.LOCK):
+            cls._refuse_or_clear(store, clear=False, alive_only=True)
+
     @staticmethod
     def _holder(store: Storage) -> dict:
         try:
@@ -85,10 +93,14 @@ class RunLock:
             return {}  # unreadable or gone meanwhile: treated as held by someone unknown
 
     @classmethod
-    def _refuse_or_clear(cls, store: Storage, clear: bool = True) -> None:
+    def _refuse_or_clear(cls, store: Storage, clear: bool = True, alive_only: bool = False
+                         ) -> None:
         h = cls._holder(store)
         same_host = h.get("host") == socket.gethostname()
-        if clear and same_host and isinstance(h.get("pid"), int) and not _alive(h["pid"]):
+        stopped = same_host and isinstance(h.get("pid"), int) and not _alive(h["pid"])
+        if alive_only and stopped:
+            return
+        if clear and stopped:
             log.warning("%s: taking over the lock of a stopped run (pid %s, %s)", store.uri,
                         h["pid"], h.get("command"))
             store.delete(layout.LOCK)
@@ -135,7 +147,12 @@ def check(store: Storage, cfg: Config, phases: tuple[str, ...], resume: bool,
                           "replace it with --overwrite, or choose another --out")
     if resume and store.exists(layout.CONFIG) and (started or experts):
         keys = None if store.exists(layout.STATE) else EXPERT_KEYS
-        diff = _first_difference(store.read_json(layout.CONFIG), cfg.to_dict(), keys)
+        stored = store.read_json(layout.CONFIG)
+        if not isinstance(stored, dict):
+            raise FormatError(f"{store.uri_of(layout.CONFIG)} is not a run's config (a JSON "
+                              f"mapping of sections, got {type(stored).__name__}); "
+                              "replace the run with --overwrite or choose another --out")
+        diff = _first_difference(stored, cfg.to_dict(), keys)
         if diff:
             raise ConfigError(f"--resume: the config differs from {store.uri_of(layout.CONFIG)} "
                               f"({diff}); resume with --config {store.uri_of(layout.CONFIG)}, "

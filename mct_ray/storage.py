@@ -337,11 +337,18 @@ class Storage:
             raise self._fail(None, exc) from None
 
     def _check_file_system(self) -> None:
-        probe = self.path(f".mct-ray-write-check-{uuid.uuid4().hex[:12]}")
+        """The probe goes into the root, or into its nearest existing parent when the root
+        does not exist yet: a check creates no folder (a command that fails its checks
+        leaves the output location as it found it)."""
         try:
-            if self.fs.get_file_info(self.root).type == pafs.FileType.File:
-                raise StorageError(f"{self.uri}: is a file, not a folder")
-            self.fs.create_dir(self.root, recursive=True)
+            folder = self.root
+            while self.fs.get_file_info(folder).type == pafs.FileType.NotFound \
+                    and _parent(folder) not in ("", folder):
+                folder = _parent(folder)
+            if self.fs.get_file_info(folder).type == pafs.FileType.File:
+                raise StorageError(f"{self.uri}: {'is' if folder == self.root else 'lies under'} "
+                                   "a file, not a folder")
+            probe = f"{folder.rstrip('/')}/.mct-ray-write-check-{uuid.uuid4().hex[:12]}"
             with self.fs.open_output_stream(probe) as out:
                 out.write(b"ok\n")
             self.fs.delete_file(probe)
@@ -418,7 +425,7 @@ class Storage:
     def read_json(self, name: str) -> Any:
         try:
             return json.loads(self.read_bytes(name))
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # bad JSON, or bytes that are not UTF-8
             raise DataError(f"{self.uri_of(name)} is not valid JSON: {exc}") from None
 
     def write_table(self, name: str, rows: list[dict]) -> None:
@@ -428,3 +435,9 @@ class Storage:
 
     def read_table(self, name: str) -> list[dict]:
         return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+
+
+def _parent(path: str) -> str:
+    """The folder holding `path` ("/" for a top-level absolute path, "" for none)."""
+    head = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
+    return head or ("/" if path.startswith("/") else "")

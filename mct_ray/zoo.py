@@ -183,7 +183,7 @@ def factory(name: str, key: str = "net.name") -> tuple[Callable[..., nn.Module],
     module_name, attr = name.split(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # any failure of a user's import is bad input, in one line
+    except (Exception, SystemExit) as exc:  # any failure of a user's import is bad input
         raise ConfigError(f"config key '{key}': cannot import '{name}' "
                           f"({type(exc).__name__}: {_first_line(exc)})") from None
     if not callable(fn):
@@ -220,7 +220,7 @@ def build(name: str, channels: int, num_classes: int, resolution: int, seed: int
         try:
             net = fn(channels, num_classes, resolution,
                      **_arguments(fn, kwargs, width, depth, norm))
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # user code's sys.exit() is an error too
             raise ConfigError(f"config key '{key}': {name} cannot be built for "
                               f"{channels}x{resolution}x{resolution} inputs "
                               f"({type(exc).__name__}: {_first_line(exc)})") from None
@@ -238,7 +238,7 @@ def check_fits(what: str, net: nn.Module, shape: tuple[int, int, int], num_class
             out = net(torch.zeros(2, *shape, device=next(net.parameters()).device))
     except StopIteration:
         raise ConfigError(f"{what}: the network has no parameters to learn") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ConfigError(f"{what} does not fit {shape[0]}x{shape[1]}x{shape[2]} inputs "
                           f"(too deep for the resolution?): {type(exc).__name__}: "
                           f"{_first_line(exc)}") from None
@@ -247,6 +247,6 @@ def check_fits(what: str, net: nn.Module, shape: tuple[int, int, int], num_class
                           f"{shape[0]}x{shape[1]}x{shape[2]} inputs, not ({num_classes},)")
 
 
-def _first_line(exc: Exception) -> str:
+def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""

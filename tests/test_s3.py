@@ -364,13 +364,17 @@ def test_gs_uris_parse(monkeypatch):
         Storage.open(f"gs://b/run?endpoint_override={dead}&scheme=http", check=True)
 
 
-def test_local_check_rejects_a_file_root(tmp_path):
+def test_local_check_rejects_a_file_root_and_creates_nothing(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StorageError, match="is a file, not a folder"):
         Storage.open(str(tmp_path / "f"), check=True)
+    with pytest.raises(StorageError, match="lies under a file, not a folder"):
+        Storage.open(str(tmp_path / "f" / "run"), check=True)
     store = Storage.open(str(tmp_path / "new" / "run"), check=True)
-    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # the probe left no trace
     assert store.is_local and store.kind == "local"
+    store.write_bytes("a.json", b"{}")  # the first write makes the folders
+    assert (tmp_path / "new" / "run" / "a.json").read_bytes() == b"{}"
 
 
 def test_tensorboard_events_reach_s3(aws_env, tmp_path):

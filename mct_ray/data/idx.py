@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def read_idx(path: Path) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as exc:  # unreadable, or a truncated / corrupt gzip stream
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, truncated or corrupt gzip
         raise DataError(f"cannot read {path}: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
