@@ -83,20 +83,22 @@ COMMAND_PHASES = {"run": ("experts", "distill"), "experts": ("experts",),
 
 
 @contextlib.contextmanager
-def _backend(ctx: pipeline.Context, local: bool):
+def _backend(ctx: pipeline.Context, local: bool, phases: tuple[str, ...] = ()):
     """This process, or Ray: the cluster of RAY_ADDRESS or one started for this command
-    (shut down after it). A project error raised on a worker comes back as itself."""
+    (shut down after it), checked to have room for the phases' work. A project error
+    raised on a worker comes back as itself."""
     if local:
         yield pipeline.LocalBackend(ctx)
         return
     import ray
 
-    from mct_ray.runtime.backend import RayBackend
+    from mct_ray.runtime.backend import RayBackend, check_room
     from mct_ray.runtime.cluster import connect, disconnect, unwrap
 
     started_ray = False
     try:
         started_ray = connect(ctx.cfg.ray)
+        check_room(ctx.cfg, phases)
         yield RayBackend(ctx)
     except ray.exceptions.RayTaskError as exc:
         raise unwrap(exc) from None
@@ -106,8 +108,9 @@ def _backend(ctx: pipeline.Context, local: bool):
 
 def run_command(args: argparse.Namespace) -> dict:
     """Check everything that can be checked, take the run folder, then run the command's
-    phases on the chosen backend. Nothing is written before the checks pass (the folder
-    check is repeated under the lock: another writer may have finished meanwhile)."""
+    phases on the chosen backend. Nothing is written before the checks pass, the cluster's
+    included (the folder check is repeated under the lock: another writer may have finished
+    meanwhile)."""
     started = time.time()
     cfg = _config(args)
     args.out = cfg.run.out
@@ -125,23 +128,22 @@ def run_command(args: argparse.Namespace) -> dict:
     runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
     ctx = pipeline.Context.build(cfg)
     preflight.check(ctx, phases, experts)
-    lock = RunLock.acquire(store, args.command)  # the first write to the output location
-    try:
-        runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
-        if args.command == "eval":
-            source, name = _synthetic_source(store, args.synthetic)
-            with _backend(ctx, args.local) as backend:
+    with _backend(ctx, args.local, phases) as backend:
+        lock = RunLock.acquire(store, args.command)  # the first write to the output location
+        try:
+            runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
+            if args.command == "eval":
+                source, name = _synthetic_source(store, args.synthetic)
                 return pipeline.evaluate_saved(ctx, store, backend, source, name)
-        if overwrite:
-            runfolder.clear(store, phases, experts_here=not given)
-        store.write_json(layout.CONFIG, cfg.to_dict())
-        missing = len(pipeline.missing_experts(ctx, experts)) if "experts" in phases else 0
-        log.info("%s", plan.estimate(ctx, phases, missing).describe())
-        with _backend(ctx, args.local) as backend:
-            return pipeline.run(ctx, store, backend, experts, phases, resume, uuid.uuid4().hex,
-                                started)
-    finally:
-        lock.release()
+            if overwrite:
+                runfolder.clear(store, phases, experts_here=not given)
+            store.write_json(layout.CONFIG, cfg.to_dict())
+            missing = len(pipeline.missing_experts(ctx, experts)) if "experts" in phases else 0
+            log.info("%s", plan.estimate(ctx, phases, missing).describe())
+            return pipeline.run(ctx, store, backend, experts, phases, resume,
+                                uuid.uuid4().hex, started)
+        finally:
+            lock.release()
 
 
 def _synthetic_source(store: Storage, synthetic: str | None) -> tuple[Storage, str]:

@@ -155,7 +155,11 @@ class RunConfig:
     data_on_device: bool = _f(True, doc="keep the data set on the GPU when it takes under "
                               "half of its free memory")
     tf32: bool = _f(False, doc="TF32 matmuls and convolutions on NVIDIA GPUs")
-    checkpoint_every: int = _f(0, lo=0, hi=10_000_000, doc="0: only at evaluations")
+    checkpoint_every: int = _f(0, lo=0, hi=10_000_000, doc="also every this many iterations "
+                               "(0: only at evaluations and by checkpoint_minutes)")
+    checkpoint_minutes: float = _f(5.0, lo=0.0, hi=10_000.0, doc="also when this much time "
+                                   "passed since the last (0: never by time): what a lost node "
+                                   "or a kill costs at most")
     tensorboard: bool = _f(True, doc="event files under <out>/tb: loss, step size, accuracy, "
                               "synthetic images")
 

@@ -43,8 +43,9 @@ from typing import Any
 
 import yaml
 
+from mct_ray import zoo
 from mct_ray.config import Config, flatten, is_config_file, load_config, parse_overrides
-from mct_ray.errors import ConfigError
+from mct_ray.errors import ConfigError, FormatError
 
 METHODS = ("mct", "mtt")
 CELL_KEYS = ("seed", "distill.ipc", "distill.method", "run.out", "recipe")
@@ -292,15 +293,26 @@ def build_grid(name: str, overrides: list[str] | None = None, text: str | None =
                 spec["eval_workers"], text)
 
 
-def grid_from_dict(d: dict) -> Grid:
-    """The grid stored in grid.json (configs already resolved)."""
+def grid_from_dict(d: dict, where: str = "grid.json") -> Grid:
+    """The grid stored in grid.json (configs already resolved, and checked again)."""
     from mct_ray.config import from_dict
 
-    cells = tuple(Cell(c["id"], c["dataset"], c["ipc"], c["method"], c["seed"], c["group"],
-                       from_dict(c["cfg"])) for c in d["cells"])
-    groups = tuple(ExpertGroup(g["name"], from_dict(g["cfg"]), tuple(g["methods"]))
-                   for g in d["groups"])
-    return Grid(d["name"], cells, groups, d["eval_workers"], d["spec_text"])
+    try:
+        cells = tuple(Cell(c["id"], c["dataset"], c["ipc"], c["method"], c["seed"],
+                           c["group"], from_dict(c["cfg"])) for c in d["cells"])
+        groups = tuple(ExpertGroup(g["name"], from_dict(g["cfg"]), tuple(g["methods"]))
+                       for g in d["groups"])
+        return Grid(d["name"], cells, groups, d["eval_workers"], d["spec_text"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{where} is not a grid record ({type(exc).__name__}: {exc})"
+                          ) from None
+
+
+def grid_factories(grid: Grid) -> list[str]:
+    """The network factories (not zoo networks) its cells and groups would import."""
+    cfgs = [c.cfg for c in grid.cells] + [g.cfg for g in grid.groups]
+    return [n for cfg in cfgs for n in (cfg.net.name, *cfg.eval.models)
+            if n not in zoo.MODELS]
 
 
 def describe_difference(a: Grid, b: Grid) -> str | None:

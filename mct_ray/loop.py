@@ -247,6 +247,7 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
                  layout.STATE)
     todo = set(eval_iterations(cfg.eval.every, cfg.distill.iterations))
     loop_started, losses = time.perf_counter(), outcome.losses
+    saved_at = time.monotonic()
     bar = Progress("distill", cfg.distill.iterations, distiller.iteration, cfg.run.progress,
                    unit="iterations", bar=True)
     tb = TensorBoardLog(store) if cfg.run.tensorboard else None
@@ -262,8 +263,11 @@ def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
                 losses.clear()
             for p, model, result in evals.poll():
                 record_eval(store, ctx, outcome, p, model, result, tb)
-            if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0):
+            if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0) \
+                    or (cfg.run.checkpoint_minutes
+                        and time.monotonic() - saved_at >= 60 * cfg.run.checkpoint_minutes):
                 save_checkpoint(store, ctx, distiller, outcome, evals.pending, run_id, started)
+                saved_at = time.monotonic()
             if it >= cfg.distill.iterations:
                 break
             # A DivergenceError propagates: synthetic.safetensors (best evaluated) and the

@@ -23,19 +23,7 @@ from mct_ray.storage import Storage
 
 def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
     cfg = ctx.cfg
-    if ctx.data.num_classes < 2:
-        raise DataError(f"{ctx.data.name} has {ctx.data.num_classes} class; a classifier "
-                        "(and a synthetic set per class) needs at least 2")
-    zoo.check(cfg.eval.models)
-    if "distill" in phases:
-        counts = torch.bincount(ctx.data.train_y, minlength=ctx.data.num_classes)
-        smallest = int(counts.argmin())
-        if cfg.distill.ipc > counts[smallest]:
-            raise ConfigError(
-                f"config key 'distill.ipc' is {cfg.distill.ipc}, but class {smallest} "
-                f"('{ctx.data.class_names[smallest]}') of {ctx.data.name} has only "
-                f"{int(counts[smallest])} training images")
-        starting.given(ctx)  # a starting-images file: readable, of this data set and ipc
+    check_data(ctx, "distill" in phases)
     if "experts" in phases:  # experts already stored must be of this network and length
         stored = layout.expert_ids(experts, full=False)
         if stored:
@@ -53,3 +41,23 @@ def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
             traj = load_expert(experts, i, ctx.spec, cfg.needs_full)
             check_expert_epochs(cfg.distill, traj.num_epochs,
                                 experts.uri_of(layout.expert_name(i, cfg.needs_full)))
+
+
+def check_data(ctx: Context, distill: bool = True) -> None:
+    """What the config asks of the data set: two classes at least, the evaluation networks
+    importable, and for a distillation ipc images in every class and a starting-images file
+    (if given) of this data set and ipc. A grid checks each of its cells with it."""
+    cfg = ctx.cfg
+    if ctx.data.num_classes < 2:
+        raise DataError(f"{ctx.data.name} has {ctx.data.num_classes} class; a classifier "
+                        "(and a synthetic set per class) needs at least 2")
+    zoo.check(cfg.eval.models)
+    if distill:
+        counts = torch.bincount(ctx.data.train_y, minlength=ctx.data.num_classes)
+        smallest = int(counts.argmin())
+        if cfg.distill.ipc > counts[smallest]:
+            raise ConfigError(
+                f"config key 'distill.ipc' is {cfg.distill.ipc}, but class {smallest} "
+                f"('{ctx.data.class_names[smallest]}') of {ctx.data.name} has only "
+                f"{int(counts[smallest])} training images")
+        starting.given(ctx)  # a starting-images file: readable, of this data set and ipc

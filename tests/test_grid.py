@@ -138,6 +138,42 @@ def test_cli_rejects_a_bad_override_an_unknown_grid_and_resume_without_out(tmp_p
     assert "--resume needs the --out" in one_line_error(capsys, ["grid", "--resume"])
 
 
+def test_bad_cells_are_refused_before_any_work_and_all_listed(tmp_path, capsys):
+    """ipc above the smallest digits class (which has fewer than 200 training images)."""
+    spec = write_spec(tmp_path, {**TINY_GRID, "datasets": {"digits": {
+        "recipe": "digits", "ipc": [1, 400, 500]}}})
+    out = tmp_path / "out"
+    err = one_line_error(capsys, ["grid", "--spec", spec, "--out", str(out)])
+    assert "4 of 6 grid cells cannot run, nothing started" in err
+    for cell in ("digits-ipc400-mct-seed0", "digits-ipc400-mtt-seed0",
+                 "digits-ipc500-mct-seed0", "digits-ipc500-mtt-seed0"):
+        assert f"{cell}: config key 'distill.ipc' is" in err
+    assert "digits-ipc1-" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("record", ["factory", "[1, 2]", "{}"])
+def test_a_crafted_grid_record_runs_no_code(record, tmp_path, capsys, monkeypatch):
+    """A grid.json edited to name an importable function (the spec it stores included)
+    is refused on --resume, as a record that is not a grid is, and nothing of it runs."""
+    from tests.test_formats import EVIL
+
+    (tmp_path / "evil_mod.py").write_text(EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    if record == "factory":
+        spec = write_spec(tmp_path, {**TINY_GRID, "overrides": {
+            **TINY_GRID["overrides"], "net.name": "evil_mod:make"}})
+        (out / "grid.json").write_text(json.dumps(build_grid(spec).to_dict()))
+        message = "names the network factory 'evil_mod:make'"
+    else:
+        (out / "grid.json").write_text(record)
+        message = "grid.json is not a grid record"
+    assert message in one_line_error(capsys, ["grid", "--out", str(out), "--resume"])
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "called").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["grid.json"]
+
+
 def _rows(values: dict) -> list[dict]:
     """Table rows from {(ipc, method, seed): (best, final, iterations, random)}."""
     return [{"dataset": "digits", "ipc": ipc, "method": m, "seed": s, "best_acc_mean": b,

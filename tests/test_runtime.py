@@ -54,6 +54,38 @@ def local_run(tmp_path_factory):
     return out
 
 
+class _Hold:
+    """Holds a CPU of one node while it lives."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def _hold_every_cpu_but(node_id: str) -> list:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    holders = [ray.remote(_Hold).options(
+        num_cpus=n["Resources"]["CPU"],
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in ray.nodes()
+        if n["Alive"] and n["NodeID"] != node_id and n["Resources"].get("CPU")]
+    ray.get([h.ready.remote() for h in holders], timeout=180)
+    return holders
+
+
+LONGER = [*TINY, "expert.num_experts=4", "distill.iterations=60", "distill.syn_steps=10",
+          "eval.every=20", "run.checkpoint_every=5"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(local_run, tmp_path_factory):
+    """The LONGER distillation uninterrupted, in one process."""
+    out = tmp_path_factory.mktemp("whole")
+    assert main(["distill", "--local", "--out", str(out), "--experts", str(local_run),
+                 *LONGER]) == 0
+    return out
+
+
 @pytest.mark.slow
 def test_ray_run_matches_local_run_and_spreads_experts(ray_cluster, local_run, tmp_path,
                                                        capsys):
@@ -144,13 +176,12 @@ def _state_iteration(folder) -> int:
 
 
 def test_killed_distillation_actor_resumes_and_reproduces_the_result(ray_cluster, local_run,
-                                                                     tmp_path, capsys):
-    longer = [*TINY, "expert.num_experts=4", "distill.iterations=60", "distill.syn_steps=10",
-              "eval.every=20", "run.checkpoint_every=5"]
+                                                                     whole_run, tmp_path,
+                                                                     capsys):
     out = tmp_path / "killed"
     result = {}
     thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(local_run), *longer])))
+        ["distill", "--out", str(out), "--experts", str(local_run), *LONGER])))
     thread.start()
     actor = _distill_actor()
     deadline = time.time() + 120
@@ -163,12 +194,76 @@ def test_killed_distillation_actor_resumes_and_reproduces_the_result(ray_cluster
     summary = printed_json(capsys)
     assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] < 60
 
-    assert main(["distill", "--local", "--out", str(tmp_path / "whole"), "--experts",
-                 str(local_run), *longer]) == 0
-    a, b = synthetic(tmp_path / "whole"), synthetic(out)
+    a, b = synthetic(whole_run), synthetic(out)
     assert torch.equal(a.images, b.images) and a.step_size == b.step_size
     assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
-        [(r["iteration"], r["acc_mean"]) for r in formats_rows(tmp_path / "whole")]
+        [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
+
+
+@pytest.mark.slow
+def test_losing_the_distillation_node_resumes_elsewhere_with_the_same_result(
+        ray_cluster, local_run, whole_run, tmp_path, capsys):
+    """The worker node that runs the distillation actor dies (its processes killed, as a
+    SIGKILLed raylet): the driver starts another actor on a node that is left, which resumes
+    from the last checkpoint, and the run ends as an uninterrupted one."""
+    victim = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+    ray_cluster.wait_for_nodes()
+    holders = _hold_every_cpu_but(victim.node_id)  # so the actor can only start there
+    out = tmp_path / "lost"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(local_run), *LONGER])))
+    thread.start()
+    try:
+        _distill_actor()
+        deadline = time.time() + 120
+        while _state_iteration(out) < 10:
+            assert time.time() < deadline and thread.is_alive()
+            time.sleep(0.02)
+    finally:
+        for h in holders:
+            ray.kill(h)
+    ray_cluster.remove_node(victim, allow_graceful=False)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and result.get("code") == 0
+    summary = printed_json(capsys)
+    assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] < 60
+    a, b = synthetic(whole_run), synthetic(out)
+    assert torch.equal(a.images, b.images) and a.step_size == b.step_size
+    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
+        [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
+
+
+def test_evaluations_that_fit_no_node_run_in_the_distillation_not_forever(
+        ray_cluster, local_run, whole_run, tmp_path, capsys):
+    """An evaluation task asking for more than any node has would wait forever; the actor
+    sees that and evaluates in its own process, with the same numbers."""
+    out = tmp_path / "small"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(local_run), *LONGER,
+         "ray.eval_num_cpus=3"])), daemon=True)
+    thread.start()
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the distillation waited for evaluations that cannot run"
+    assert result.get("code") == 0
+    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
+        [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
+
+
+def test_work_that_fits_no_node_is_refused_before_anything_is_written(ray_cluster, local_run,
+                                                                      tmp_path, capsys):
+    out = tmp_path / "big"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(local_run), *LONGER,
+         "ray.distill_num_cpus=8"])), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "waiting for a distillation actor that cannot start"
+    err = capsys.readouterr().err
+    assert result["code"] == 2 and "no node of the Ray cluster can run the distillation" in err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_evaluation_fan_out_never_pauses_the_loop(ray_cluster, local_run, tmp_path):

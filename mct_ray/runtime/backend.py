@@ -7,6 +7,7 @@ numpy objects it owns and writes to storage as each arrives.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Iterator
 
@@ -14,13 +15,41 @@ import ray
 
 from mct_ray import storage as layout
 from mct_ray.distill import SyntheticSet
+from mct_ray.errors import MctRayError
 from mct_ray.experts import ExpertResult
 from mct_ray.loop import DistillOutcome
-from mct_ray.pipeline import Context, load_expert
+from mct_ray.pipeline import Context, LocalBackend, load_expert
 from mct_ray.runtime import workers
+from mct_ray.runtime.cluster import ClusterError
 from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
 from mct_ray.runtime.workers import RayEval, RayEvals
 from mct_ray.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+class DistillationLost(MctRayError):
+    """Every attempt of the distillation actor was lost with its process or node."""
+
+    exit_code = 1
+
+
+def check_room(cfg, phases: tuple[str, ...]) -> None:
+    """Before any work: each phase's work fits some node of the cluster (a task that fits
+    none would wait forever); evaluations that fit none are run by the distillation."""
+    caps = workers.capacities()
+    need = workers.needs(cfg)
+    for what in (("expert",) if "experts" in phases else ()) + \
+            (("distillation",) if "distill" in phases else ()):
+        if not any(workers.fits(c, need[what]) for c in caps.values()):
+            shown = {k: v for k, v in need[what].items() if v}
+            largest = max(caps.values(), key=lambda c: (c.get("GPU", 0), c.get("CPU", 0)),
+                          default={})
+            raise ClusterError(
+                f"no node of the Ray cluster can run the {what} ({shown}; the largest node "
+                f"has CPU {largest.get('CPU', 0):g}, GPU {largest.get('GPU', 0):g}): lower "
+                f"ray.{'expert' if what == 'expert' else 'distill'}_num_cpus/_num_gpus or "
+                "add a node that has them")
 
 
 class RayBackend:
@@ -33,9 +62,9 @@ class RayBackend:
         self.ctx, self.cfg = ctx, ctx.cfg
         self.data_ref = ray.put(data_to_numpy(ctx.data)) if data_ref is None else data_ref
         self.given_refs, self.loop_here = expert_refs, loop_here
-        self.trained: dict[int, ray.ObjectRef] = {}  # expert id -> its task's result
         self.nodes: dict[int, str] = {}
         self.evals = RayEvals(self.cfg, self.data_ref)
+        self.evals_fit: bool | None = None  # whether an evaluation fits some node
 
     def train_experts(self, ids: list[int]) -> Iterator[ExpertResult]:
         r = self.cfg.ray
@@ -52,11 +81,20 @@ class RayBackend:
             for ref in ready:
                 i = inflight.pop(ref)
                 value = ray.get(ref)  # read-only views of the object store
-                self.trained[i], self.nodes[i] = ref, value["node_id"]
+                self.nodes[i] = value["node_id"]
                 yield expert_from_numpy(value, self.ctx.spec)
 
-    def submit_eval(self, syn: SyntheticSet, tag: str, model: str | None = None) -> RayEval:
-        return self.evals.submit(syn, tag, model)
+    def submit_eval(self, syn: SyntheticSet, tag: str, model: str | None = None):
+        """Evaluation tasks; here, in the driver, when they fit no node of the cluster."""
+        if self.evals_fit is None:
+            need = workers.needs(self.cfg)["evaluation"]
+            self.evals_fit = any(workers.fits(c, need) for c in workers.capacities().values())
+            if not self.evals_fit:
+                log.warning("no node of the cluster can run an evaluation (%s): the driver "
+                            "evaluates the baselines itself", need)
+        if self.evals_fit:
+            return self.evals.submit(syn, tag, model)
+        return LocalBackend(self.ctx).submit_eval(syn, tag, model)
 
     def expert_refs(self, experts: Storage, full: bool | None = None) -> list[ray.ObjectRef]:
         """The run's trajectories (full ones with `full`, default: what its method reads) in
@@ -66,8 +104,9 @@ class RayBackend:
             return self.given_refs
         spec = self.ctx.spec
         full = self.cfg.needs_full if full is None else full
-        return [self.trained[i] if i in self.trained else
-                ray.put(trajectory_to_numpy(load_expert(experts, i, spec, full), i, spec))
+        # Put by the driver, so held on its node: a task's result lives on the node that
+        # ran it, and a lost node would take it along (Ray would train the expert again).
+        return [ray.put(trajectory_to_numpy(load_expert(experts, i, spec, full), i, spec))
                 for i in layout.expert_ids(experts, full)]
 
     def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
@@ -76,18 +115,29 @@ class RayBackend:
         if self.loop_here:
             return workers.distill_from_refs(self.ctx, store, refs, self.submit_eval, resume,
                                              run_id, started)
+        # The driver, not Ray's actor restarts, replaces a lost actor: Ray spends its task
+        # retries on "temporarily unavailable" within seconds while a node is being lost.
         r = self.cfg.ray
-        actor = ray.remote(workers.DistillWorker).options(
-            name=f"mct-ray-distill-{run_id[:12]}", num_cpus=r.distill_num_cpus,
-            num_gpus=r.distill_num_gpus, max_restarts=r.distill_restarts,
-            max_task_retries=r.distill_restarts,
-        ).remote(self.cfg, store.uri, run_id)
-        try:
-            result = ray.get(actor.run.remote({"data": self.data_ref, "experts": refs},
-                                              resume, started))
-        finally:
-            ray.kill(actor)
-        return DistillOutcome(**result)
+        for attempt in range(r.distill_restarts + 1):
+            actor = ray.remote(workers.DistillWorker).options(
+                name=f"mct-ray-distill-{run_id[:12]}-{attempt}", num_cpus=r.distill_num_cpus,
+                num_gpus=r.distill_num_gpus, max_restarts=0,
+            ).remote(self.cfg, store.uri, run_id)
+            try:
+                result = ray.get(actor.run.remote({"data": self.data_ref, "experts": refs},
+                                                  resume, started))
+                return DistillOutcome(**result)
+            except ray.exceptions.RayActorError as exc:  # its process or its node is gone
+                lost = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+                log.warning("the distillation actor was lost (%s); %s", lost,
+                            "starting another from the last checkpoint"
+                            if attempt < r.distill_restarts else "no restarts left")
+            finally:
+                ray.kill(actor)
+        raise DistillationLost(
+            f"the distillation actor was lost {r.distill_restarts + 1} times "
+            f"(ray.distill_restarts={r.distill_restarts}); continue the run with --resume "
+            f"--out {store.uri}")
 
     def placement(self) -> dict:
         return {"nodes": sorted(set(self.nodes.values()))} if self.nodes else {}

@@ -16,6 +16,7 @@ restored from Tune's files (pickles) in the output location.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,11 +27,11 @@ from dataclasses import dataclass, field
 import ray
 from ray import tune
 
-from mct_ray import pipeline
+from mct_ray import pipeline, preflight
 from mct_ray import storage as layout
 from mct_ray.errors import ConfigError, MctRayError
-from mct_ray.grid import Grid, build_grid, describe_difference, grid_from_dict, grid_png, \
-    summary_table
+from mct_ray.grid import Grid, build_grid, describe_difference, grid_factories, \
+    grid_from_dict, grid_png, summary_table
 from mct_ray.runfolder import RunLock
 from mct_ray.runtime.backend import RayBackend
 from mct_ray.runtime.cluster import check_address, connect, disconnect, unwrap
@@ -135,7 +136,13 @@ def _resolve(store: Storage, spec: str | None, overrides: list[str], resume: boo
         if not resume:
             raise ConfigError(f"{store.uri} already holds a grid; continue it with --resume "
                               "or choose another --out")
-        stored = grid_from_dict(store.read_json(layout.GRID_JSON))
+        stored = grid_from_dict(store.read_json(layout.GRID_JSON),
+                                store.uri_of(layout.GRID_JSON))
+        named = sorted(set(grid_factories(stored)))
+        if named and not spec:  # a record names a factory the user did not type
+            raise ConfigError(f"{store.uri_of(layout.GRID_JSON)} names the network factory "
+                              f"'{named[0]}', which a stored record alone never imports; "
+                              "give the grid's --spec again to continue it")
         if spec or overrides:
             given = build_grid(spec, overrides) if spec else \
                 build_grid(stored.name, overrides, stored.spec_text)
@@ -172,14 +179,30 @@ def _check_fits(grid: Grid, own_ray: bool) -> None:
             return
 
 
-def _prepare_experts(grid: Grid, store: Storage) -> dict:
+def _preflight(grid: Grid) -> dict[str, pipeline.Context]:
+    """Every cell checked against its data set before any work (the data loaded once per
+    expert group); the bad cells, all of them, refuse the grid. The groups' contexts."""
+    contexts = {g.name: pipeline.Context.build(g.cfg) for g in grid.groups}
+    bad = []
+    for cell in grid.cells:
+        try:
+            preflight.check_data(dataclasses.replace(contexts[cell.group], cfg=cell.cfg))
+        except MctRayError as exc:
+            bad.append(f"{cell.id}: {exc}")
+    if bad:
+        raise ConfigError(f"{len(bad)} of {len(grid.cells)} grid cells cannot run, nothing "
+                          f"started: {'; '.join(bad)}")
+    return contexts
+
+
+def _prepare_experts(grid: Grid, store: Storage, contexts: dict) -> dict:
     """Each group's missing experts trained (the pipeline's expert phase), and its data set
     and trajectories as object refs: {group: {"data": ref, "mct"|"mtt": [ref per expert]}}."""
     shared = {}
     for group in grid.groups:
         cfg = group.cfg
         gstore = store.child(layout.expert_group(group.name))
-        ctx = pipeline.Context.build(cfg)
+        ctx = contexts[group.name]
         resolved = json.loads(json.dumps(cfg.to_dict()))  # as stored: lists, not tuples
         if gstore.exists(layout.CONFIG) and gstore.read_json(layout.CONFIG) != resolved:
             raise ConfigError(f"{gstore.uri} holds experts trained with another config; "
@@ -249,27 +272,30 @@ def run_grid(spec: str | None, overrides: list[str], out: str, resume: bool) -> 
         out = os.path.abspath(out)  # trials run in Tune's own working directories
     check_address()
     store = Storage.open(out, check=True)
-    lock = RunLock.acquire(store, "grid")
-    started_ray, failed = False, {}
+    RunLock.check_free(store)
+    grid = _resolve(store, spec, overrides, resume)
+    contexts = _preflight(grid)
+    started_ray, failed, lock = False, {}, None
     try:
-        grid = _resolve(store, spec, overrides, resume)
-        status = _status(grid, store)
+        started_ray = connect(grid.cells[0].cfg.ray)
+        _check_fits(grid, started_ray)
+        lock = RunLock.acquire(store, "grid")  # the first write: a grid that could not start
+        status = _status(grid, store)  # left nothing
         if resume:
             log.info("grid %s: %d cells done, %d in flight (continue from their checkpoint), "
                      "%d pending", store.uri, *map(len, status.values()))
-        started_ray = connect(grid.cells[0].cfg.ray)
-        _check_fits(grid, started_ray)
-        if not store.exists(layout.GRID_JSON):  # only now: a grid that could not start
-            store.write_json(layout.GRID_JSON, grid.to_dict())  # left nothing
+        if not store.exists(layout.GRID_JSON):
+            store.write_json(layout.GRID_JSON, grid.to_dict())
         todo = status["in_flight"] + status["pending"]
         if todo:
-            shared = _prepare_experts(grid, store)
+            shared = _prepare_experts(grid, store, contexts)
             failed = _failures(_fit(grid, store, shared, todo))
     except ray.exceptions.RayTaskError as exc:
         raise unwrap(exc) from None
     finally:
         disconnect(started_ray)
-        lock.release()
+        if lock is not None:
+            lock.release()
     rows = [store.read_json(f"{layout.grid_cell(cell)}/{layout.CELL_DONE}")
             for cell in _status(grid, store)["done"]]
     failed.update({c.id: "did not finish" for c in grid.cells if c.id not in failed

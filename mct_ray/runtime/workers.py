@@ -16,7 +16,7 @@ from mct_ray.distill import SyntheticSet
 from mct_ray.evaluate import EvalResult, eval_seed, train_and_test
 from mct_ray.experts import train_expert
 from mct_ray.loop import checkpoint_run_id, run_distillation
-from mct_ray.pipeline import Context, make_distiller
+from mct_ray.pipeline import Context, LocalBackend, make_distiller
 from mct_ray.progress import configure_logging
 from mct_ray.runtime.codec import (data_from_numpy, expert_to_numpy, synthetic_from_numpy,
                                    synthetic_to_numpy, trajectory_from_numpy)
@@ -91,12 +91,40 @@ def distill_from_refs(ctx: Context, store: Storage, expert_refs: list, submit, r
                             run_id, started)
 
 
+def fits(capacity: dict, need: dict) -> bool:
+    return all(capacity.get(k, 0.0) >= v for k, v in need.items() if v)
+
+
+def needs(cfg: Config) -> dict[str, dict]:
+    """Each kind of work's share of a node, as Ray schedules it."""
+    r = cfg.ray
+    return {"expert": {"CPU": r.expert_num_cpus, "GPU": r.expert_num_gpus},
+            "distillation": {"CPU": r.distill_num_cpus, "GPU": r.distill_num_gpus},
+            "evaluation": {"CPU": r.eval_num_cpus, "GPU": r.eval_num_gpus}}
+
+
+def capacities() -> dict[str, dict]:
+    """node id -> total resources, for the nodes alive now."""
+    return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+
+
+def room_for_evaluation(cfg: Config, here: str) -> bool:
+    """Whether some node can run an evaluation while the distillation holds its share of
+    node `here`; when none can, evaluations queued behind it would wait forever."""
+    need = needs(cfg)
+    return any(fits({k: v - (need["distillation"].get(k, 0.0) if node == here else 0.0)
+                     for k, v in total.items()}, need["evaluation"])
+               for node, total in capacities().items())
+
+
 class DistillWorker:
     """Runs the core distillation loop on trajectories read zero-copy from the object store.
 
-    Its constructor takes only small values, so Ray can always build it again: restarted
-    after a crash, it gets `run` retried with the same refs, finds the checkpoint its run
-    wrote (by `run_id`, unique per launch) and resumes from it.
+    Its constructor takes only small values, so the driver can always start another: after
+    its process or node is lost, the next one finds the checkpoint its run wrote (by
+    `run_id`, unique per launch) and resumes from it. Where no node has room for an
+    evaluation beside it (a cluster shrunk by a lost node, or one this small), it evaluates
+    in its own process, with the same numbers.
     """
 
     def __init__(self, cfg: Config, out_uri: str, run_id: str):
@@ -111,7 +139,12 @@ class DistillWorker:
         restarted = checkpoint_run_id(self.store) == self.run_id
         if restarted:
             log.warning("distillation actor restarted: resuming from its last checkpoint")
-        outcome = distill_from_refs(ctx, self.store, refs["experts"],
-                                    RayEvals(self.cfg, refs["data"]).submit,
+        submit = RayEvals(self.cfg, refs["data"]).submit
+        if not room_for_evaluation(self.cfg, node_id()):
+            log.warning("no node of the cluster has room for an evaluation (%s) beside the "
+                        "distillation: evaluating in the distillation's own process",
+                        needs(self.cfg)["evaluation"])
+            submit = LocalBackend(ctx).submit_eval
+        outcome = distill_from_refs(ctx, self.store, refs["experts"], submit,
                                     resume or restarted, self.run_id, started)
         return vars(outcome)
