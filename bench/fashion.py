@@ -14,6 +14,7 @@ full protocol (`--protocol full`) runs the recipes unchanged: for a GPU.
     python bench/fashion.py --protocol tiny        # a seconds-long smoke run (the tests)
     python bench/fashion.py --ipc 10 --iterations 150 --variants mct-tesla   # one part, longer
     python bench/fashion.py --ipc 1 --models resnet18 vgg11 alexnet   # cross-architecture
+    python bench/fashion.py --protocol long --combine seed0.log seed1-2.parquet  # pieces
 With --models, each run's best set (by the ConvNet's evaluations) and the initial random real
 images are also trained on each listed architecture (eval.num_eval networks of the
 protocol); the table is written to <name>_cross.parquet.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -303,17 +305,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="*", help="instead of the protocol's")
     parser.add_argument("--models", nargs="*", default=[],
                         help="also train each best set on these architectures (mct_ray.zoo)")
+    parser.add_argument("--combine", nargs="+", metavar="FILE", help="run nothing: report "
+                        "earlier runs of the protocol together (their .parquet rows, or the "
+                        "curves this script printed), e.g. seeds run on different days")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     variants = tuple(SHORT[v] for v in args.variants) if args.variants else VARIANTS
     zoo.check(args.models, "--models")
-    rows, cross = run(args.protocol, args.device, args.data_root, args.ipc, args.iterations,
-                      variants, tuple(args.models), args.seeds)
+    if args.combine:
+        rows, cross = [r for f in args.combine for r in read_rows(pathlib.Path(f))], []
+    else:
+        rows, cross = run(args.protocol, args.device, args.data_root, args.ipc,
+                          args.iterations, variants, tuple(args.models), args.seeds)
     out = pathlib.Path(args.out) if args.out else RESULTS
     parts = ([f"ipc{'-'.join(map(str, args.ipc))}"] if args.ipc else []) + \
         ([f"{args.iterations}it"] if args.iterations else []) + (args.variants or []) + \
-        ([f"seed{'-'.join(map(str, args.seeds))}"] if args.seeds else [])
+        ([f"seed{'-'.join(map(str, args.seeds))}"] if args.seeds else []) + \
+        (["combined"] if args.combine else [])
     name = "_".join([f"fashion_{args.protocol}", *parts])
     save_table(name, rows, out)
     table = summarise(rows)
@@ -340,6 +349,28 @@ def main(argv: list[str] | None = None) -> int:
         if t["ipc"] == 1 and t["variant"] == VARIANTS[0][0] and args.protocol != "long":
             print(f"fashion_mct_ipc1_best={t['best']:.2f}")
     return 0
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """Rows of an earlier run: its .parquet, or the log this script printed (the curves of
+    each (ipc, seed, variant), their iteration 0 the random real images they start from)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    rows, key, init = [], None, {}
+    for line in path.read_text().splitlines():
+        if m := re.match(r"ipc (\d+) seed (\d+): random real images ([\d.]+) %", line):
+            init[(int(m[1]), int(m[2]))] = float(m[3]) / 100
+        elif m := re.match(r"ipc (\d+) seed (\d+): (.+)$", line):
+            key = (int(m[1]), int(m[2]), m[3])
+            rows.append({"ipc": key[0], "seed": key[1], "variant": key[2], "iteration": 0,
+                         "acc_mean": init[key[:2]], "seconds": float("nan")})
+        elif (m := re.match(r"\s+it (\d+): ([\d.]+) %\s+step ([\d.e-]+)", line)) and key:
+            rows.append({"ipc": key[0], "seed": key[1], "variant": key[2],
+                         "iteration": int(m[1]), "acc_mean": float(m[2]) / 100,
+                         "seconds": float("nan"), "step_size": float(m[3])})
+    return rows
 
 
 def random_draws(rows: list[dict]) -> dict[int, list[float]]:

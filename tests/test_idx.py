@@ -178,8 +178,9 @@ def test_grayscale_imagefolder_stays_one_channel(tmp_path):
     assert torch.equal(raw.train_x[0, 0], raw.train_x[0, 2])
 
 
-def test_bench_fashion_tiny_protocol_runs(tmp_path):
-    """bench/fashion.py end to end at seconds-long sizes on IDX files written here."""
+def test_bench_fashion_tiny_protocol_runs(tmp_path, capsys):
+    """bench/fashion.py end to end at seconds-long sizes on IDX files written here; its
+    printed curves, read back with --combine, give the rows it saved."""
     import sys
 
     root = Path(__file__).resolve().parents[1]
@@ -202,3 +203,13 @@ def test_bench_fashion_tiny_protocol_runs(tmp_path):
     assert {(r["variant"], r["model"]) for r in cross} == {
         (v, "mlp") for v in ("Random real", *(v[0] for v in fashion.VARIANTS))}
     assert len(cross) == 2 * 4  # two seeds
+    (tmp_path / "run.log").write_text(capsys.readouterr().out)
+    curves = [r for r in rows if r["variant"] != fashion.RANDOM_DRAWS]
+    back = fashion.read_rows(tmp_path / "run.log")
+    key = lambda r: (r["seed"], r["variant"], r["iteration"])  # noqa: E731
+    assert sorted(map(key, back)) == sorted(map(key, curves))
+    printed = {key(r): round(100 * r["acc_mean"], 2) for r in curves}
+    assert all(round(100 * r["acc_mean"], 2) == printed[key(r)] for r in back)
+    assert fashion.main(["--protocol", "tiny", "--out", str(tmp_path / "out"), "--combine",
+                         str(tmp_path / "run.log")]) == 0
+    assert (tmp_path / "out" / "fashion_tiny_combined_summary.parquet").exists()
