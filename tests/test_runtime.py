@@ -234,19 +234,26 @@ def test_losing_the_distillation_node_resumes_elsewhere_with_the_same_result(
         [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
 
 
+def _distill_within(seconds: float, out, experts, *overrides: str) -> int:
+    """`mct-ray distill` of LONGER on Ray; its exit code, or a failure if it still waits
+    after `seconds` (the thread is left behind, a daemon)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(experts), *LONGER, *overrides])),
+        daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s: {overrides}"
+    return result["code"]
+
+
 def test_evaluations_that_fit_no_node_run_in_the_distillation_not_forever(
         ray_cluster, local_run, whole_run, tmp_path, capsys):
     """An evaluation task asking for more than any node has would wait forever; the actor
     sees that and evaluates in its own process, with the same numbers."""
     out = tmp_path / "small"
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(local_run), *LONGER,
-         "ray.eval_num_cpus=3"])), daemon=True)
-    thread.start()
-    thread.join(timeout=240)
-    assert not thread.is_alive(), "the distillation waited for evaluations that cannot run"
-    assert result.get("code") == 0
+    code = _distill_within(240, out, local_run, "ray.eval_num_cpus=3")
+    assert code == 0
     assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
         [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
 
@@ -254,15 +261,9 @@ def test_evaluations_that_fit_no_node_run_in_the_distillation_not_forever(
 def test_work_that_fits_no_node_is_refused_before_anything_is_written(ray_cluster, local_run,
                                                                       tmp_path, capsys):
     out = tmp_path / "big"
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(local_run), *LONGER,
-         "ray.distill_num_cpus=8"])), daemon=True)
-    thread.start()
-    thread.join(timeout=120)
-    assert not thread.is_alive(), "waiting for a distillation actor that cannot start"
+    code = _distill_within(120, out, local_run, "ray.distill_num_cpus=8")
     err = capsys.readouterr().err
-    assert result["code"] == 2 and "no node of the Ray cluster can run the distillation" in err
+    assert code == 2 and "no node of the Ray cluster can run the distillation" in err
     assert "Traceback" not in err and not out.exists()
 
 
