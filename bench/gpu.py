@@ -121,7 +121,7 @@ def packing(out: pathlib.Path, dry: bool) -> None:
 
     ours = not ray.is_initialized()  # a dry run's Ray is its caller's
     if ours:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)  # never a Ray already running
     ks = (1, 2) if dry else (1, 2, 4, 8)
     data = (["net.width=8", "net.depth=1"] if dry else
             ["data.name=random", "data.channels=3", "data.resolution=32",
@@ -202,8 +202,8 @@ def dry_run(out: pathlib.Path, steps: list, env: dict) -> list[dict]:
     os.environ.update(env)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    ray.init(include_dashboard=False, num_cpus=2, object_store_memory=150 * 2**20,
-             log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, num_cpus=2,
+             object_store_memory=150 * 2**20, log_to_driver=False)
     try:
         return [run_inline(out, n, a) for n, a in steps]
     finally:

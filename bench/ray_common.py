@@ -20,8 +20,8 @@ from mct_ray.storage import Storage  # noqa: E402
 
 
 def start_ray(num_cpus: int = 2) -> None:
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=300 * 2**20,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             object_store_memory=300 * 2**20, log_to_driver=False)  # never one already running
 
 
 def digits(overrides: list[str]) -> tuple[Config, Context, RayBackend]:
