@@ -149,3 +149,29 @@ def test_distill_reads_every_expert_before_writing(tmp_path, capsys):
                     *TINY)
     assert "expert-00001.safetensors: checksum mismatch" in one_line_error(code, err)
     assert not out.exists()
+
+
+def test_a_crafted_state_file_runs_no_code(tmp_path, capsys, monkeypatch):
+    """A distillation state whose metadata names an importable function, everywhere a
+    network or a factory could be looked for, with its checksum recomputed: --resume reads
+    it as data and nothing of it is imported or called."""
+    from mct_ray import formats
+    from tests.test_formats import EVIL
+
+    (tmp_path / "evil_mod.py").write_text(EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["run", "--local", "--out", str(out), *TINY]) == 0
+    path = out / "state.safetensors"
+    tensors, meta = formats.unpack(path.read_bytes(), formats.STATE, path.name)
+    net = {"name": "evil_mod:make", "channels": "evil_mod:make", "width": 8}
+    meta["net"] = net
+    meta["tree"] = {"__dict__": [*meta["tree"]["__dict__"], ["net", net],
+                                 ["factory", "evil_mod:make"]]}
+    path.write_bytes(formats.pack(formats.STATE, tensors, meta))
+    capsys.readouterr()
+    code = main(["run", "--local", "--resume", "--out", str(out), *TINY,
+                 "distill.iterations=6"])
+    assert code == 0  # the state was read (resumed at its iteration), as data
+    assert '"resumed_from": 4' in capsys.readouterr().out
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "called").exists()
