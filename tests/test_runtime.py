@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,3 +383,31 @@ def test_without_ray_address_a_command_starts_its_own_ray_and_joins_no_other(ray
     assert proc.returncode == 0, err[-2000:]
     assert "started a local Ray for this job (2.0 CPUs)" in err
     assert proc.pid not in {j["DriverPid"] for j in state.jobs()}
+
+
+def test_a_command_never_joins_a_ray_started_with_ray_start(tmp_path):
+    """Someone's `ray start --head` on the machine (its own RAY_TMPDIR, so its address file
+    is where a plain ray.init() of this environment would look): a command without
+    RAY_ADDRESS starts a Ray of its own beside it, and says so."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    short = Path(f"/tmp/mr{os.getpid()}")  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(short)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_bin, "start", "--head", "--port=0", "--num-cpus=1",
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                   check=True, capture_output=True, timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mct_ray.cli", "run", "--out",
+                               str(tmp_path / "out"), *TINY, "ray.num_cpus=2"],
+                              capture_output=True, text=True, env=env, timeout=300,
+                              cwd=os.path.dirname(os.path.dirname(__file__)))
+    finally:  # only that Ray's processes: their command lines name its temp folder
+        subprocess.run(["pkill", "-9", "-f", str(short)], check=False)
+        shutil.rmtree(short, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "started a local Ray for this job (2.0 CPUs)" in proc.stderr
