@@ -176,6 +176,16 @@ def _state_iteration(folder) -> int:
         return -1
 
 
+def resumed_like_whole(capsys, out, whole_run) -> None:
+    """The command resumed between iterations 10 and 60 and ended as the uninterrupted run."""
+    summary = printed_json(capsys)
+    assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] < 60
+    a, b = synthetic(whole_run), synthetic(out)
+    assert torch.equal(a.images, b.images) and a.step_size == b.step_size
+    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
+        [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
+
+
 def test_killed_distillation_actor_resumes_and_reproduces_the_result(ray_cluster, local_run,
                                                                      whole_run, tmp_path,
                                                                      capsys):
@@ -192,13 +202,7 @@ def test_killed_distillation_actor_resumes_and_reproduces_the_result(ray_cluster
     ray.kill(actor, no_restart=False)
     thread.join(timeout=300)
     assert result.get("code") == 0
-    summary = printed_json(capsys)
-    assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] < 60
-
-    a, b = synthetic(whole_run), synthetic(out)
-    assert torch.equal(a.images, b.images) and a.step_size == b.step_size
-    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
-        [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
+    resumed_like_whole(capsys, out, whole_run)
 
 
 @pytest.mark.slow
@@ -227,12 +231,7 @@ def test_losing_the_distillation_node_resumes_elsewhere_with_the_same_result(
     ray_cluster.remove_node(victim, allow_graceful=False)
     thread.join(timeout=300)
     assert not thread.is_alive() and result.get("code") == 0
-    summary = printed_json(capsys)
-    assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] < 60
-    a, b = synthetic(whole_run), synthetic(out)
-    assert torch.equal(a.images, b.images) and a.step_size == b.step_size
-    assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
-        [(r["iteration"], r["acc_mean"]) for r in formats_rows(whole_run)]
+    resumed_like_whole(capsys, out, whole_run)
 
 
 def _distill_within(seconds: float, out, experts, *overrides: str) -> int:
