@@ -22,7 +22,7 @@ from mct_ray.pipeline import Context, LocalBackend, load_expert
 from mct_ray.runtime import workers
 from mct_ray.runtime.cluster import ClusterError
 from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
-from mct_ray.runtime.workers import RayEval, RayEvals
+from mct_ray.runtime.workers import RayEvals
 from mct_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,13 @@ class DistillationLost(MctRayError):
 def check_room(cfg, phases: tuple[str, ...]) -> None:
     """Before any work: each phase's work fits some node of the cluster (a task that fits
     none would wait forever); evaluations that fit none are run by the distillation."""
-    caps = workers.capacities()
     need = workers.needs(cfg)
     for what in (("expert",) if "experts" in phases else ()) + \
             (("distillation",) if "distill" in phases else ()):
-        if not any(workers.fits(c, need[what]) for c in caps.values()):
+        if not workers.fits_a_node(need[what]):
             shown = {k: v for k, v in need[what].items() if v}
-            largest = max(caps.values(), key=lambda c: (c.get("GPU", 0), c.get("CPU", 0)),
-                          default={})
+            largest = max(workers.capacities().values(),
+                          key=lambda c: (c.get("GPU", 0), c.get("CPU", 0)), default={})
             raise ClusterError(
                 f"no node of the Ray cluster can run the {what} ({shown}; the largest node "
                 f"has CPU {largest.get('CPU', 0):g}, GPU {largest.get('GPU', 0):g}): lower "
@@ -88,7 +87,7 @@ class RayBackend:
         """Evaluation tasks; here, in the driver, when they fit no node of the cluster."""
         if self.evals_fit is None:
             need = workers.needs(self.cfg)["evaluation"]
-            self.evals_fit = any(workers.fits(c, need) for c in workers.capacities().values())
+            self.evals_fit = workers.fits_a_node(need)
             if not self.evals_fit:
                 log.warning("no node of the cluster can run an evaluation (%s): the driver "
                             "evaluates the baselines itself", need)

@@ -91,10 +91,6 @@ def distill_from_refs(ctx: Context, store: Storage, expert_refs: list, submit, r
                             run_id, started)
 
 
-def fits(capacity: dict, need: dict) -> bool:
-    return all(capacity.get(k, 0.0) >= v for k, v in need.items() if v)
-
-
 def needs(cfg: Config) -> dict[str, dict]:
     """Each kind of work's share of a node, as Ray schedules it."""
     r = cfg.ray
@@ -108,13 +104,20 @@ def capacities() -> dict[str, dict]:
     return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 
 
+def fits_a_node(need: dict, held: dict | None = None, here: str | None = None) -> bool:
+    """Whether some node alive now has `need` in all, once `held` is taken from node `here`
+    (work that fits none would wait forever)."""
+    held = held or {}
+    return any(all(total.get(k, 0.0) - (held.get(k, 0.0) if node == here else 0.0) >= v
+                   for k, v in need.items() if v)
+               for node, total in capacities().items())
+
+
 def room_for_evaluation(cfg: Config, here: str) -> bool:
     """Whether some node can run an evaluation while the distillation holds its share of
-    node `here`; when none can, evaluations queued behind it would wait forever."""
+    node `here`."""
     need = needs(cfg)
-    return any(fits({k: v - (need["distillation"].get(k, 0.0) if node == here else 0.0)
-                     for k, v in total.items()}, need["evaluation"])
-               for node, total in capacities().items())
+    return fits_a_node(need["evaluation"], need["distillation"], here)
 
 
 class DistillWorker:
