@@ -178,6 +178,9 @@ class RayConfig:
     eval_num_cpus: float = _f(1.0, lo=0.0, hi=1024, doc="CPUs per evaluation task")
     eval_num_gpus: float = _f(0.0, lo=0.0, hi=64)
     eval_retries: int = _f(3, lo=0, hi=1000)
+    start_wait_s: float = _f(60.0, lo=0.1, hi=86_400, doc="work not started after this long "
+                             "is logged (then again each interval); an error once no node "
+                             "can take it")
     num_cpus: int = _f(0, lo=0, hi=100_000, doc="CPUs of a Ray started for one job; 0: all")
     object_store_mb: int = _f(0, lo=0, hi=10_000_000, doc="its object store; 0: Ray's default")
 

@@ -7,6 +7,7 @@ being killed; evaluation fan-out never pauses the loop; Ray and `--local` agree 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -176,10 +177,11 @@ def _state_iteration(folder) -> int:
         return -1
 
 
-def resumed_like_whole(capsys, out, whole_run) -> None:
-    """The command resumed between iterations 10 and 60 and ended as the uninterrupted run."""
+def resumed_like_whole(capsys, out, whole_run, last: int = 59) -> None:
+    """The command resumed between iterations 10 and `last` and ended as the uninterrupted
+    run."""
     summary = printed_json(capsys)
-    assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] < 60
+    assert summary["resumed_from"] is not None and 10 <= summary["resumed_from"] <= last
     a, b = synthetic(whole_run), synthetic(out)
     assert torch.equal(a.images, b.images) and a.step_size == b.step_size
     assert [(r["iteration"], r["acc_mean"]) for r in formats_rows(out)] == \
@@ -265,6 +267,75 @@ def test_work_that_fits_no_node_is_refused_before_anything_is_written(ray_cluste
     err = capsys.readouterr().err
     assert code == 2 and "no node of the Ray cluster can run the distillation" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_work_waiting_to_start_is_logged_with_what_it_needs(ray_cluster, local_run, caplog):
+    """Every CPU of the cluster is held: an evaluation and an expert wait to start, and
+    each interval of ray.start_wait_s says so, naming what they need; once room is made,
+    both run."""
+    from mct_ray.pipeline import Context
+    from mct_ray.runtime.backend import RayBackend
+
+    cfg = load_config("digits", [*TINY, "ray.start_wait_s=0.5"])
+    backend = RayBackend(Context.build(cfg))
+    holders = _hold_every_cpu_but("")
+    try:
+        with caplog.at_level(logging.INFO, logger="mct_ray.runtime.waits"):
+            future = backend.evals.submit(synthetic(local_run), "probe")
+            experts = backend.train_experts([0])
+            expert = {}
+            thread = threading.Thread(target=lambda: expert.update(value=next(experts)))
+            thread.start()
+            deadline = time.time() + 3
+            while time.time() < deadline:
+                assert not future.done()
+                time.sleep(0.1)
+            assert thread.is_alive()
+    finally:
+        for h in holders:
+            ray.kill(h)
+    waits = [r.getMessage() for r in caplog.records]
+    assert any("evaluation 1 of" in m and "of the probe set of iteration" in m
+               and "has waited" in m and "it needs {'CPU': 1.0}" in m for m in waits), waits
+    assert any(m.startswith("the training of expert 0 has waited") for m in waits), waits
+    assert 0 <= future.result().mean <= 1
+    thread.join(timeout=120)
+    assert expert["value"].expert_id == 0
+
+
+@pytest.mark.slow
+def test_evaluations_that_no_node_can_take_any_more_end_the_run_in_one_line(
+        ray_cluster, local_run, whole_run, tmp_path, capsys):
+    """Evaluations fit only one node (3 CPUs each; the others have 2), held until it is
+    lost: they can never start, so the command ends with one line saying how to resume
+    (not a wait without end), and --resume, which then evaluates in the distillation's own
+    process, ends as the uninterrupted run."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    big = ray_cluster.add_node(num_cpus=4, object_store_memory=100 * 2**20)
+    ray_cluster.wait_for_nodes()
+    holder = ray.remote(_Hold).options(num_cpus=4, scheduling_strategy=(
+        NodeAffinitySchedulingStrategy(big.node_id, soft=False))).remote()
+    ray.get(holder.ready.remote(), timeout=180)
+    out = tmp_path / "shrunk"
+    argv = ["distill", "--out", str(out), "--experts", str(local_run), *LONGER,
+            "ray.eval_num_cpus=3", "ray.start_wait_s=1"]
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(argv)))
+    thread.start()
+    deadline = time.time() + 120
+    while _state_iteration(out) < 10:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    ray_cluster.remove_node(big, allow_graceful=False)
+    thread.join(timeout=120)
+    assert not thread.is_alive() and result.get("code") == 1
+    err = capsys.readouterr().err
+    assert "can never start: no node of the Ray cluster has {'CPU': 3.0} beside the " \
+        "distillation any more" in err and f"--resume --out {out}" in err, err
+    assert "Traceback" not in err
+    assert main([*argv, "--resume"]) == 0
+    resumed_like_whole(capsys, out, whole_run, last=60)  # the loop may have ended first
 
 
 def test_evaluation_fan_out_never_pauses_the_loop(ray_cluster, local_run, tmp_path):

@@ -8,6 +8,7 @@ numpy objects it owns and writes to storage as each arrives.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Iterator
 
@@ -19,7 +20,7 @@ from mct_ray.errors import MctRayError
 from mct_ray.experts import ExpertResult
 from mct_ray.loop import DistillOutcome
 from mct_ray.pipeline import Context, LocalBackend, load_expert
-from mct_ray.runtime import workers
+from mct_ray.runtime import waits, workers
 from mct_ray.runtime.cluster import ClusterError
 from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
 from mct_ray.runtime.workers import RayEvals
@@ -40,9 +41,9 @@ def check_room(cfg, phases: tuple[str, ...]) -> None:
     need = workers.needs(cfg)
     for what in (("expert",) if "experts" in phases else ()) + \
             (("distillation",) if "distill" in phases else ()):
-        if not workers.fits_a_node(need[what]):
-            shown = {k: v for k, v in need[what].items() if v}
-            largest = max(workers.capacities().values(),
+        if not waits.fits_a_node(need[what]):
+            shown = waits.shown(need[what])
+            largest = max(waits.capacities().values(),
                           key=lambda c: (c.get("GPU", 0), c.get("CPU", 0)), default={})
             raise ClusterError(
                 f"no node of the Ray cluster can run the {what} ({shown}; the largest node "
@@ -67,19 +68,24 @@ class RayBackend:
 
     def train_experts(self, ids: list[int]) -> Iterator[ExpertResult]:
         r = self.cfg.ray
-        task = ray.remote(workers.train_expert_task).options(
-            num_cpus=r.expert_num_cpus, num_gpus=r.expert_num_gpus,
-            max_retries=r.expert_retries, scheduling_strategy="SPREAD")
+        task = ray.remote(waits.announced).options(
+            name="train_expert", num_cpus=r.expert_num_cpus, num_gpus=r.expert_num_gpus,
+            max_retries=r.expert_retries, scheduling_strategy="SPREAD",
+            num_returns="streaming")
+        need = workers.needs(self.cfg)["expert"]
         todo, inflight = deque(ids), {}
         limit = r.max_expert_workers or len(ids)
         while todo or inflight:
             while todo and len(inflight) < limit:
                 i = todo.popleft()
-                inflight[task.remote(self.cfg, self.data_ref, i)] = i
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                i = inflight.pop(ref)
-                value = ray.get(ref)  # read-only views of the object store
+                inflight[i] = waits.Launched(
+                    task.remote(workers.train_expert_task, self.cfg, self.data_ref, i),
+                    waits.Waiting(f"training of expert {i}", need, r.start_wait_s))
+            finished = [i for i, t in inflight.items() if t.done()]
+            if not finished:
+                time.sleep(0.05)
+            for i in finished:
+                value = inflight.pop(i).result()  # read-only views of the object store
                 self.nodes[i] = value["node_id"]
                 yield expert_from_numpy(value, self.ctx.spec)
 
@@ -87,7 +93,7 @@ class RayBackend:
         """Evaluation tasks; here, in the driver, when they fit no node of the cluster."""
         if self.evals_fit is None:
             need = workers.needs(self.cfg)["evaluation"]
-            self.evals_fit = workers.fits_a_node(need)
+            self.evals_fit = waits.fits_a_node(need)
             if not self.evals_fit:
                 log.warning("no node of the cluster can run an evaluation (%s): the driver "
                             "evaluates the baselines itself", need)
@@ -117,12 +123,16 @@ class RayBackend:
         # The driver, not Ray's actor restarts, replaces a lost actor: Ray spends its task
         # retries on "temporarily unavailable" within seconds while a node is being lost.
         r = self.cfg.ray
+        then = f"; add such a node and continue with --resume --out {store.uri}"
         for attempt in range(r.distill_restarts + 1):
             actor = ray.remote(workers.DistillWorker).options(
                 name=f"mct-ray-distill-{run_id[:12]}-{attempt}", num_cpus=r.distill_num_cpus,
                 num_gpus=r.distill_num_gpus, max_restarts=0,
             ).remote(self.cfg, store.uri, run_id)
             try:
+                waits.until_ready(actor.__ray_ready__.remote(), waits.Waiting(
+                    "distillation actor", workers.needs(self.cfg)["distillation"],
+                    r.start_wait_s, then=then))
                 result = ray.get(actor.run.remote({"data": self.data_ref, "experts": refs},
                                                   resume, started))
                 return DistillOutcome(**result)

@@ -18,6 +18,8 @@ from mct_ray.experts import train_expert
 from mct_ray.loop import checkpoint_run_id, run_distillation
 from mct_ray.pipeline import Context, LocalBackend, make_distiller
 from mct_ray.progress import configure_logging
+from mct_ray.runtime import waits
+from mct_ray.runtime.waits import Launched, Waiting, announced
 from mct_ray.runtime.codec import (data_from_numpy, expert_to_numpy, synthetic_from_numpy,
                                    synthetic_to_numpy, trajectory_from_numpy)
 from mct_ray.storage import Storage
@@ -54,31 +56,41 @@ def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int,
 class RayEval:
     """eval.num_eval evaluation tasks on one snapshot."""
 
-    refs: list
+    tasks: list[Launched]
 
     def done(self) -> bool:
-        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
-        return len(ready) == len(self.refs)
+        return all([t.done() for t in self.tasks])  # each checked: its wait is watched
 
     def result(self) -> EvalResult:
-        return EvalResult(tuple(ray.get(self.refs)))
+        return EvalResult(tuple(t.result() for t in self.tasks))
 
 
 class RayEvals:
-    """Puts each snapshot in the object store and fans out eval.num_eval networks on it."""
+    """Puts each snapshot in the object store and fans out eval.num_eval networks on it.
+    `beside`: the node of the distillation that waits for them (its share is not theirs);
+    `then`: what a person does when they can never start."""
 
-    def __init__(self, cfg: Config, data_ref: ray.ObjectRef):
+    def __init__(self, cfg: Config, data_ref: ray.ObjectRef, beside: str | None = None,
+                 then: str = ""):
         r = cfg.ray
-        self.cfg, self.data_ref = cfg, data_ref
-        self.task = ray.remote(evaluate_task).options(
-            num_cpus=r.eval_num_cpus, num_gpus=r.eval_num_gpus, max_retries=r.eval_retries)
+        self.cfg, self.data_ref, self.beside, self.then = cfg, data_ref, beside, then
+        self.task = ray.remote(announced).options(
+            name="evaluate", num_cpus=r.eval_num_cpus, num_gpus=r.eval_num_gpus,
+            max_retries=r.eval_retries, num_returns="streaming")
 
     def submit(self, syn: SyntheticSet, tag: str, model: str | None = None) -> RayEval:
         """One task per network: eval.num_eval of the distillation's architecture, or of
         `model`."""
         snapshot = ray.put(synthetic_to_numpy(syn))
-        return RayEval([self.task.remote(self.cfg, self.data_ref, snapshot, tag, i, model)
-                        for i in range(self.cfg.eval.num_eval)])
+        need = needs(self.cfg)
+        held = need["distillation"] if self.beside else None
+        n, name = self.cfg.eval.num_eval, model or self.cfg.net.name
+        return RayEval([Launched(
+            self.task.remote(evaluate_task, self.cfg, self.data_ref, snapshot, tag, i, model),
+            Waiting(f"evaluation {i + 1} of {n} ({name}) of the {tag} set of iteration "
+                    f"{syn.iteration}", need["evaluation"], self.cfg.ray.start_wait_s, held,
+                    self.beside, self.then))
+            for i in range(n)])
 
 
 def distill_from_refs(ctx: Context, store: Storage, expert_refs: list, submit, resume: bool,
@@ -99,25 +111,11 @@ def needs(cfg: Config) -> dict[str, dict]:
             "evaluation": {"CPU": r.eval_num_cpus, "GPU": r.eval_num_gpus}}
 
 
-def capacities() -> dict[str, dict]:
-    """node id -> total resources, for the nodes alive now."""
-    return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-
-
-def fits_a_node(need: dict, held: dict | None = None, here: str | None = None) -> bool:
-    """Whether some node alive now has `need` in all, once `held` is taken from node `here`
-    (work that fits none would wait forever)."""
-    held = held or {}
-    return any(all(total.get(k, 0.0) - (held.get(k, 0.0) if node == here else 0.0) >= v
-                   for k, v in need.items() if v)
-               for node, total in capacities().items())
-
-
 def room_for_evaluation(cfg: Config, here: str) -> bool:
     """Whether some node can run an evaluation while the distillation holds its share of
     node `here`."""
     need = needs(cfg)
-    return fits_a_node(need["evaluation"], need["distillation"], here)
+    return waits.fits_a_node(need["evaluation"], need["distillation"], here)
 
 
 class DistillWorker:
@@ -142,7 +140,9 @@ class DistillWorker:
         restarted = checkpoint_run_id(self.store) == self.run_id
         if restarted:
             log.warning("distillation actor restarted: resuming from its last checkpoint")
-        submit = RayEvals(self.cfg, refs["data"]).submit
+        submit = RayEvals(self.cfg, refs["data"], node_id(),
+                          f"; add such a node and continue with --resume --out "
+                          f"{self.store.uri}").submit
         if not room_for_evaluation(self.cfg, node_id()):
             log.warning("no node of the cluster has room for an evaluation (%s) beside the "
                         "distillation: evaluating in the distillation's own process",
