@@ -195,9 +195,10 @@ def authors_tesla(images, labels, start, target, syn_lr: float, plans, aug):
     return image_grad, lr_grad
 
 
-def tesla_case(seed: int, batch: int, num_steps: int, syn_lr: float, overrides: list[str]):
+def tesla_case(seed: int, batch: int, num_steps: int, syn_lr: float, recipe: str,
+               overrides: list[str]):
     """Images, a segment and a step plan; the authors' gradients for them; and a Distiller
-    of the Fashion-MNIST MCT preset (with `overrides`) that has filled its own."""
+    of an MCT preset (with `overrides`) that has filled its own."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -207,7 +208,7 @@ def tesla_case(seed: int, batch: int, num_steps: int, syn_lr: float, overrides: 
     aug = Augmenter(AugmentConfig(enabled=True, mode="all"))
     plans = plan_unroll(6, batch, num_steps, 8, aug, gen)  # shuffled passes, DSA
     theirs = authors_tesla(images, labels, start, target, syn_lr, plans, aug)
-    cfg = load_config("fashion-mnist-ipc1", overrides).distill
+    cfg = load_config(recipe, overrides).distill
     distiller = Distiller(SPEC, [ours(random_checkpoints(2), ())], images, labels, cfg, aug, 0)
     distiller.step_size = torch.tensor(syn_lr, dtype=torch.float64, requires_grad=True)
     distiller.compute_grads(Segment(0, 0.0, 1.0, start, target), plans)
@@ -215,7 +216,8 @@ def tesla_case(seed: int, batch: int, num_steps: int, syn_lr: float, overrides: 
 
 
 def test_one_tesla_iteration_equals_the_authors_gradients():
-    (theirs_x, theirs_lr), distiller = tesla_case(0, 4, 5, 0.02, [])
+    """The CIFAR-10 MCT preset (the authors' published setting) runs their gradient."""
+    (theirs_x, theirs_lr), distiller = tesla_case(0, 4, 5, 0.02, "cifar10-ipc1", [])
     assert (distiller.cfg.grad_mode, distiller.cfg.image_grad_scale) == ("tesla", 0.5)
     torch.testing.assert_close(distiller.images.grad, theirs_x, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(distiller.step_size.grad, theirs_lr, rtol=1e-6, atol=1e-12)
@@ -225,7 +227,7 @@ def test_one_tesla_iteration_equals_the_authors_gradients():
 def test_the_full_image_gradient_is_twice_the_authors():
     """Without the preset's scale, the image gradient is the TESLA-style gradient of the
     matching loss itself: twice the authors'; the step size's is unchanged."""
-    (theirs_x, theirs_lr), distiller = tesla_case(1, 6, 3, 0.01,
+    (theirs_x, theirs_lr), distiller = tesla_case(1, 6, 3, 0.01, "cifar10-ipc1",
                                                   ["distill.image_grad_scale=1"])
     torch.testing.assert_close(distiller.images.grad, 2 * theirs_x, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(distiller.step_size.grad, theirs_lr, rtol=1e-6, atol=1e-12)

@@ -194,14 +194,14 @@ def test_bench_fashion_tiny_protocol_runs(tmp_path, capsys):
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "out" / "fashion_tiny.parquet").to_pylist()
-    assert {r["variant"] for r in rows} == {v[0] for v in fashion.VARIANTS} | {
-        fashion.RANDOM_DRAWS}
+    labels = [v[0] for v in fashion.PROTOCOLS["tiny"]["variants"]]
+    assert {r["variant"] for r in rows} == {*labels, fashion.RANDOM_DRAWS}
     assert len([r for r in rows if r["variant"] == fashion.RANDOM_DRAWS]) == \
         fashion.NUM_RANDOM_DRAWS
     assert (tmp_path / "out" / "fashion_tiny.png").stat().st_size > 0
     cross = pq.read_table(tmp_path / "out" / "fashion_tiny_cross.parquet").to_pylist()
     assert {(r["variant"], r["model"]) for r in cross} == {
-        (v, "mlp") for v in ("Random real", *(v[0] for v in fashion.VARIANTS))}
+        (v, "mlp") for v in ("Random real", *labels)}
     assert len(cross) == 2 * 4  # two seeds
     (tmp_path / "run.log").write_text(capsys.readouterr().out)
     curves = [r for r in rows if r["variant"] != fashion.RANDOM_DRAWS]
