@@ -67,17 +67,33 @@ class StepResult:
 @dataclass(frozen=True)
 class SyntheticSet:
     """A synthetic set as it travels between the distiller, evaluation, files and workers:
-    images (num_classes * ipc, C, H, W), class-major labels, the learned step size, and
-    what is recorded with it (`info`: iteration, data set, normalisation, method)."""
+    images (num_classes * ipc, C, H, W), the labels networks train on, the learned step
+    size, what is recorded with it (`info`: iteration, data set, normalisation, method), and
+    with soft labels the class of each image.
+
+    `labels` are the class of each image (int64, (n,): hard) or a distribution over the
+    classes per image (float, (n, num_classes): soft, with `classes` set)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     step_size: float
     info: dict = field(default_factory=dict)
+    classes: torch.Tensor | None = None
 
     @property
     def iteration(self) -> int:
         return int(self.info.get("iteration", 0))
+
+    @property
+    def soft(self) -> bool:
+        return self.labels.ndim == 2
+
+    def hard(self) -> SyntheticSet:
+        """The same images with the class of each as its label."""
+        if not self.soft:
+            return self
+        return SyntheticSet(self.images, self.classes, self.step_size,
+                            {**self.info, "labels": "hard"})
 
 
 def draw_init_indices(train_y: torch.Tensor, num_classes: int, ipc: int,
@@ -112,6 +128,17 @@ def sample_segment(trajectories: list[Trajectory], cfg: DistillConfig, gen: torc
     start = unflatten(traj.spec, traj.point(c).to(device))
     target = unflatten(traj.spec, traj.point(target_epoch).to(device))
     return Segment(k, c, target_epoch, start, target)
+
+
+def teacher_labels(spec: NetSpec, trajectory: Trajectory, epoch: float, images: torch.Tensor,
+                   kernels: str = "fast", batch: int = 256) -> torch.Tensor:
+    """The MCT authors' teacher labels: the softmax of the expert's network at `epoch` of
+    its trajectory, on the synthetic images as they are (no augmentation, no gradient)."""
+    with torch.no_grad():
+        params = unflatten(spec, trajectory.point(min(epoch, trajectory.num_epochs))
+                           .to(images.device, images.dtype))
+        logits = torch.cat([spec.forward(params, x, kernels) for x in images.split(batch)])
+    return torch.softmax(logits, dim=1)
 
 
 def plan_unroll(num_syn: int, batch_syn: int, num_steps: int, size: int, aug: Augmenter,
@@ -288,7 +315,8 @@ class Distiller:
         self.spec, self.trajectories, self.cfg, self.seed = spec, trajectories, cfg, seed
         self.aug, self.device = aug, device
         self.images = images.detach().clone().to(device).requires_grad_()
-        self.labels = labels.to(device)
+        self.classes = labels.to(device)  # the class of each image
+        self.labels = self.classes  # what the student trains on: soft once a teacher labels
         self.step_size = torch.tensor(cfg.lr_teacher, device=device).requires_grad_()
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
@@ -307,6 +335,10 @@ class Distiller:
     def step(self) -> StepResult:
         gen = generator(self.seed, "distill", self.iteration)
         seg = sample_segment(self.trajectories, self.cfg, gen, self.device)
+        if self.cfg.labels == "teacher":
+            self.set_labels(teacher_labels(self.spec, self.trajectories[seg.expert],
+                                           self.cfg.max_start_epoch, self.images,
+                                           self.student.kernels))
         plans = plan_unroll(len(self.images), self.cfg.batch_syn, self.cfg.syn_steps,
                             self.images.shape[-1], self.aug, gen)
         self.opt_img.zero_grad(set_to_none=True)
@@ -335,9 +367,14 @@ class Distiller:
         self.iteration += 1
         return result
 
+    def set_labels(self, labels: torch.Tensor) -> None:
+        self.labels = self.student.labels = labels
+
     def snapshot(self) -> SyntheticSet:
+        soft = self.labels.ndim == 2
         return SyntheticSet(self.images.detach().cpu().clone(), self.labels.cpu().clone(),
-                            float(self.step_size.detach()), {"iteration": self.iteration})
+                            float(self.step_size.detach()), {"iteration": self.iteration},
+                            self.classes.cpu().clone() if soft else None)
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "bad_streak": self.bad_streak,
@@ -354,7 +391,13 @@ class Distiller:
         with torch.no_grad():
             self.images.copy_(state["images"])
             self.step_size.copy_(state["step_size"])
-        self.labels.copy_(state["labels"])
+        labels = state["labels"]
+        n, k = len(self.images), self.spec.num_classes
+        if tuple(labels.shape) not in ((n,), (n, k)):
+            raise FormatError(f"distillation state has labels {tuple(labels.shape)}, the "
+                              f"config makes ({n},) or ({n}, {k})")
+        self.set_labels(labels.to(self.device, self.images.dtype if labels.ndim == 2
+                                  else self.classes.dtype))
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])
         self.iteration = int(state["iteration"])

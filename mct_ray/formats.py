@@ -185,7 +185,11 @@ def _regenerate_init(spec: NetSpec, meta: dict, name: str) -> torch.Tensor:
 # Synthetic sets.
 
 def save_synthetic(syn: SyntheticSet, spec: NetSpec) -> bytes:
-    return pack(SYNTHETIC, {"images": syn.images.float(), "labels": syn.labels.long()},
+    """Hard labels as int64 classes; soft ones as float32 distributions beside the classes."""
+    tensors = {"images": syn.images.float(), "labels": syn.labels.long()} if not syn.soft \
+        else {"images": syn.images.float(), "labels": syn.labels.float(),
+              "classes": syn.classes.long()}
+    return pack(SYNTHETIC, tensors,
                 {"net": spec.describe(), "step_size": float(syn.step_size), "info": syn.info})
 
 
@@ -196,13 +200,43 @@ def load_synthetic(data: bytes, name: str, expected: NetSpec | None = None) -> S
         images, labels, step = tensors["images"], tensors["labels"], float(meta["step_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{name}: missing entry {exc}") from None
-    if images.ndim != 4 or labels.shape != (len(images),):
+    if images.ndim != 4 or labels.ndim not in (1, 2) or len(labels) != len(images):
         raise FormatError(f"{name}: images {tuple(images.shape)} and labels "
                           f"{tuple(labels.shape)} do not match")
     info = meta.get("info", {})
     if not isinstance(info, dict):
         raise FormatError(f"{name}: 'info' is not an object")
-    return SyntheticSet(images, labels, step, info)
+    classes = _check_labels(tensors, labels, name)
+    if expected is not None:
+        top = labels.shape[1] if labels.ndim == 2 else \
+            (int(labels.max()) + 1 if len(labels) else 0)
+        if top > expected.num_classes or (labels.ndim == 2 and top < expected.num_classes):
+            raise FormatError(f"{name}: labels for {top} classes, the network has "
+                              f"{expected.num_classes}")
+    return SyntheticSet(images, labels, step, info, classes)
+
+
+def _check_labels(tensors: dict, labels: torch.Tensor, name: str) -> torch.Tensor | None:
+    """Hard labels: int64 classes >= 0. Soft ones: finite float rows that each sum to 1,
+    with the int64 class of each image beside them (returned)."""
+    if labels.ndim == 1:
+        if labels.dtype != torch.int64 or (len(labels) and int(labels.min()) < 0):
+            raise FormatError(f"{name}: hard labels must be class indices (int64, >= 0)")
+        return None
+    classes = tensors.get("classes")
+    if classes is None or classes.dtype != torch.int64 or classes.shape != (len(labels),) \
+            or (len(classes) and not 0 <= int(classes.min()) <= int(classes.max())
+                < labels.shape[1]):
+        raise FormatError(f"{name}: soft labels need the class of each image ('classes', "
+                          f"int64, {len(labels)} of them, below {labels.shape[1]})")
+    if not labels.is_floating_point() or not bool(torch.isfinite(labels).all()) \
+            or bool((labels < 0).any()) \
+            or not torch.allclose(labels.double().sum(1), torch.ones(len(labels),
+                                                                     dtype=torch.float64),
+                                  atol=1e-3):
+        raise FormatError(f"{name}: soft labels must be finite, non-negative and sum to 1 "
+                          "per image")
+    return classes
 
 
 # ---------------------------------------------------------------------------------------

@@ -65,11 +65,13 @@ class PendingEval:
     def to_state(self) -> dict:
         return {"iteration": self.iteration, "images": self.syn.images,
                 "labels": self.syn.labels, "step_size": self.syn.step_size, "loss": self.loss,
-                "seconds": self.seconds}
+                "seconds": self.seconds,
+                **({"classes": self.syn.classes} if self.syn.soft else {})}
 
     @classmethod
     def from_state(cls, d: dict) -> "PendingEval":
-        syn = SyntheticSet(d["images"], d["labels"], d["step_size"], {"iteration": d["iteration"]})
+        syn = SyntheticSet(d["images"], d["labels"], d["step_size"], {"iteration": d["iteration"]},
+                           d.get("classes"))
         return cls(syn, d["loss"], d["seconds"])
 
 
@@ -137,9 +139,10 @@ def eval_iterations(every: int, iterations: int) -> list[int]:
 
 def save_synthetic(store: Storage, name: str, ctx, syn: SyntheticSet) -> None:
     info = {**syn.info, "data": ctx.data.name, "mean": ctx.data.mean, "std": ctx.data.std,
-            "zca": ctx.cfg.data.zca, "method": ctx.cfg.distill.method}
+            "zca": ctx.cfg.data.zca, "method": ctx.cfg.distill.method,
+            "labels": ctx.cfg.distill.labels if syn.soft else "hard"}
     store.write_bytes(name, formats.save_synthetic(SyntheticSet(
-        syn.images, syn.labels, syn.step_size, info), ctx.spec))
+        syn.images, syn.labels, syn.step_size, info, syn.classes), ctx.spec))
 
 
 def record_eval(store: Storage, ctx, outcome: DistillOutcome, p: PendingEval,

@@ -148,9 +148,23 @@ def run(ctx: Context, store: Storage, backend: Backend, experts: Storage,
                      for m in (None, *cfg.other_models)} if cfg.eval.baseline else {}
         outcome = backend.distill(store, experts, resume, run_id, started)
         scores = {m: f.result() for m, f in baselines.items()}
+        hard = hard_label_score(ctx, store, backend)
         result = finish(ctx, store, experts, outcome, scores.get(None), run_id, started,
-                        cross_architecture(ctx, store, backend, outcome, scores))
+                        cross_architecture(ctx, store, backend, outcome, scores),
+                        hard and hard.result())
     return result
+
+
+def hard_label_score(ctx: Context, store: Storage, backend: Backend):
+    """A soft-label run's best images trained with the class of each as its label, by the
+    networks that scored the best set (so the pair differs in the labels alone: where the
+    best set is the starting one, which has hard labels, the two are equal); a future, or
+    None for a hard-label run."""
+    if ctx.cfg.distill.labels == "hard":
+        return None
+    best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
+                                  store.uri_of(layout.SYNTHETIC), ctx.spec)
+    return backend.submit_eval(best.hard(), "syn", None)
 
 
 def cross_architecture(ctx: Context, store: Storage, backend: Backend,
@@ -268,7 +282,8 @@ def evaluate_saved(ctx: Context, store: Storage, backend: Backend, source: Stora
     """`mct-ray eval`: score a saved synthetic set; eval.json in `store`."""
     syn = formats.load_synthetic(source.read_bytes(name), source.uri_of(name), ctx.spec)
     out = {"iteration": syn.iteration, "num_eval": ctx.cfg.eval.num_eval,
-           "epochs": ctx.cfg.eval.epochs, "source": source.uri_of(name)}
+           "epochs": ctx.cfg.eval.epochs, "source": source.uri_of(name),
+           "labels": "soft" if syn.soft else "hard"}
     models = ctx.cfg.eval.models
     futures = {m: backend.submit_eval(syn, "final", m) for m in (models or (None,))}
     for model, future in futures.items():  # all submitted first: on Ray they run together
@@ -339,10 +354,16 @@ def summarise(ctx: Context, experts: Storage, outcome: DistillOutcome,
 
 def finish(ctx: Context, store: Storage, experts: Storage, outcome: DistillOutcome,
            baseline: EvalResult | None, run_id: str, started: float,
-           models: dict | None = None) -> dict:
+           models: dict | None = None, hard: EvalResult | None = None) -> dict:
     final = max(r["iteration"] for r in outcome.rows)
     summary = summarise(ctx, experts, outcome, baseline,
                         parts_with(outcome, run_id, final, started))
+    summary.update(labels=ctx.cfg.distill.labels,
+                   hard_label_acc_mean=hard.mean if hard else None,
+                   hard_label_acc_std=hard.std if hard else None)
+    if hard:
+        log.info("the best set's images with hard labels: %.2f %% +- %.2f (soft: %.2f %%)",
+                 100 * hard.mean, 100 * hard.std, 100 * summary["best_acc_mean"])
     if models:
         summary["models"] = models  # the best set on other architectures
     store.write_json(layout.SUMMARY, summary)

@@ -37,7 +37,7 @@ def _png(fig) -> bytes:
 
 def image_grid_png(syn, num_classes: int) -> bytes:
     """One column per class (at most 20), one row per image of that class (at most 10)."""
-    x, labels = _displayable(syn.images, syn.info), syn.labels
+    x, labels = _displayable(syn.images, syn.info), syn.hard().labels
     classes = list(range(min(num_classes, MAX_CLASSES)))
     per_class = [torch.nonzero(labels == c).flatten()[:MAX_PER_CLASS] for c in classes]
     rows = max(1, max(len(p) for p in per_class))

@@ -80,7 +80,8 @@ class ConvexTrajectory:
         b0, b1 = self.beta[:, e0].double(), self.beta[:, e1].double()
         span = b1 - b0
         frac = torch.where(span > 0, (self.beta_at(c) - b0) / span.clamp_min(1e-300), 0.0)
-        weight = frac.float().repeat_interleave(torch.tensor(tensor_sizes(self.spec)))
+        sizes = torch.tensor(tensor_sizes(self.spec))
+        weight = frac.to(self.anchors.dtype).repeat_interleave(sizes)
         return torch.lerp(self.anchors[j], self.anchors[j + 1], weight)
 
 

@@ -295,7 +295,7 @@ def test_work_waiting_to_start_is_logged_with_what_it_needs(ray_cluster, local_r
         for h in holders:
             ray.kill(h)
     waits = [r.getMessage() for r in caplog.records]
-    assert any("evaluation 1 of" in m and "of the probe set of iteration" in m
+    assert any("evaluation 1 of" in m and "of probe at iteration" in m
                and "has waited" in m and "it needs {'CPU': 1.0}" in m for m in waits), waits
     assert any(m.startswith("the training of expert 0 has waited") for m in waits), waits
     assert 0 <= future.result().mean <= 1

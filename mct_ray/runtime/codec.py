@@ -43,12 +43,14 @@ def data_from_numpy(d: dict) -> ImageData:
 
 def synthetic_to_numpy(syn: SyntheticSet) -> dict:
     return {"images": syn.images.cpu().numpy(), "labels": syn.labels.cpu().numpy(),
-            "step_size": syn.step_size, "info": dict(syn.info)}
+            "step_size": syn.step_size, "info": dict(syn.info),
+            "classes": None if syn.classes is None else syn.classes.cpu().numpy()}
 
 
 def synthetic_from_numpy(d: dict) -> SyntheticSet:
+    classes = d.get("classes")
     return SyntheticSet(as_tensor(d["images"]), as_tensor(d["labels"]), d["step_size"],
-                        d["info"])
+                        d["info"], None if classes is None else as_tensor(classes))
 
 
 def _layout(spec: NetSpec) -> list[list]:

@@ -97,6 +97,8 @@ def _row(summary: dict) -> dict:
            "random_acc_mean": summary["random_baseline_acc_mean"],
            "random_acc_std": summary["random_baseline_acc_std"],
            "resumed_from": -1 if summary["resumed_from"] is None else summary["resumed_from"]}
+    if summary.get("labels", "hard") != "hard":  # soft labels: the images' hard-label score
+        row.update(labels=summary["labels"], hard_label_acc_mean=summary["hard_label_acc_mean"])
     if summary.get("models"):  # eval.models: the scores on each architecture
         row["models"] = summary["models"]
     return row

@@ -52,6 +52,10 @@ def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int,
                           ctx.kernels, model)
 
 
+SETS = {"syn": "the synthetic set", "baseline": "the random real images",
+        "final": "the best set"}  # what each evaluation tag scores, as a log line says it
+
+
 @dataclass
 class RayEval:
     """eval.num_eval evaluation tasks on one snapshot."""
@@ -87,9 +91,9 @@ class RayEvals:
         n, name = self.cfg.eval.num_eval, model or self.cfg.net.name
         return RayEval([Launched(
             self.task.remote(evaluate_task, self.cfg, self.data_ref, snapshot, tag, i, model),
-            Waiting(f"evaluation {i + 1} of {n} ({name}) of the {tag} set of iteration "
-                    f"{syn.iteration}", need["evaluation"], self.cfg.ray.start_wait_s, held,
-                    self.beside, self.then))
+            Waiting(f"evaluation {i + 1} of {n} ({name}) of {SETS.get(tag, tag)} at "
+                    f"iteration {syn.iteration}", need["evaluation"], self.cfg.ray.start_wait_s,
+                    held, self.beside, self.then))
             for i in range(n)])
 
 

@@ -1,0 +1,199 @@
+"""Soft labels: the MCT authors' teacher labels (`distill.labels=teacher`), the student and
+the evaluation networks training on them, and the files that carry them.
+
+The teacher labels are checked against the authors' definition written here (the softmax of
+the sampled expert's network at max_start_epoch of its compressed path, on the synthetic
+images as they are), with the path and the network's forward computed independently in
+float64.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mct_ray import formats
+from mct_ray.augment import Augmenter
+from mct_ray.cli import main
+from mct_ray.config import AugmentConfig, ExpertConfig, load_config
+from mct_ray.distill import Distiller, SyntheticSet, plan_unroll
+from mct_ray.errors import FormatError
+from mct_ray.evaluate import evaluate
+from mct_ray.experts import anchor_points, smoothing_epochs, train_epoch
+from mct_ray.rng import generator
+from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten
+from tests.conftest import TINY
+from tests.test_authors_mct import SPEC, authors_compress, authors_point, random_checkpoints
+
+pytestmark = pytest.mark.core
+
+ANCHORS = (3, 6, 9)
+
+
+def convex64(checkpoints) -> ConvexTrajectory:
+    """The compressed path of these checkpoints, kept in float64."""
+    cfg = ExpertConfig(epochs=len(checkpoints) - 1, anchors=ANCHORS, smooth_anchors=True)
+    flat = [flatten(c) for c in checkpoints]
+    norms = torch.tensor([[float(torch.norm(b - a)) for a, b in zip(c0, c1)]
+                          for c0, c1 in zip(checkpoints[:-1], checkpoints[1:])],
+                         dtype=torch.float64)
+    return ConvexTrajectory(SPEC, (0, *ANCHORS, len(checkpoints) - 1),
+                            anchor_points(cfg, {e: flat[e] for e in smoothing_epochs(cfg)}),
+                            beta_from_step_norms(norms))
+
+
+def convnet(params, x):
+    """SPEC's network from its definition: conv3x3 (padding as the first layer's), instance
+    norm with affine parameters, ReLU, 2x2 average pooling, linear classifier."""
+    w, b, nw, nb, cw, cb = params
+    x = F.conv2d(x, w, b, padding=SPEC.first_padding)
+    mean = x.mean((2, 3), keepdim=True)
+    var = x.var((2, 3), unbiased=False, keepdim=True)
+    x = (x - mean) / torch.sqrt(var + 1e-5) * nw[None, :, None, None] + nb[None, :, None, None]
+    x = F.avg_pool2d(F.relu(x), 2)
+    return x.flatten(1) @ cw.T + cb
+
+
+def teacher_case(overrides=()):
+    checkpoints = [random_checkpoints(10, s) for s in (0, 1)]
+    cfg = load_config("fashion-mnist-ipc1", ["distill.labels=teacher",
+                                             "distill.max_start_epoch=4.5",
+                                             "distill.expert_epochs=2", "distill.syn_steps=3",
+                                             "distill.grad_mode=unroll", *overrides]).distill
+    gen = torch.Generator().manual_seed(7)
+    images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    aug = Augmenter(AugmentConfig(enabled=True, mode="all"))
+    distiller = Distiller(SPEC, [convex64(c) for c in checkpoints], images, classes, cfg, aug,
+                          seed=3)
+    return checkpoints, distiller, images
+
+
+def test_teacher_labels_are_the_sampled_experts_softmax_at_max_start():
+    checkpoints, distiller, images = teacher_case()
+    k = int(torch.randint(2, (1,), generator=generator(3, "distill", 0)))  # its first draw
+    distiller.step()
+    points, steps = authors_compress(checkpoints[k], [0, *ANCHORS, 10])
+    expected = torch.softmax(convnet(authors_point(points, steps, [0, *ANCHORS, 10], 4.5),
+                                     images), dim=1)
+    assert distiller.labels.dtype == torch.float64 and distiller.labels.shape == (6, 3)
+    torch.testing.assert_close(distiller.labels, expected, rtol=1e-10, atol=1e-12)
+    assert float((expected - F.one_hot(distiller.classes, 3)).abs().max()) > 0.1  # soft
+    assert torch.equal(distiller.student.labels, distiller.labels)
+
+
+def test_the_student_steps_on_the_soft_cross_entropy():
+    """The student's loss with teacher labels is -sum_c t_c log softmax_c, averaged over
+    the minibatch (what the authors' nn.CrossEntropyLoss computes on soft targets)."""
+    _, distiller, images = teacher_case()
+    distiller.step()
+    plan = plan_unroll(6, 4, 1, 8, distiller.aug, torch.Generator().manual_seed(0))[0]
+    params = [p.double() for p in SPEC.init_params(torch.Generator().manual_seed(1))]
+    ours = distiller.student.loss(params, images, plan)
+    x = distiller.aug.apply(images[plan.indices], plan.aug)
+    t = distiller.labels[plan.indices]
+    by_hand = -(t * torch.log_softmax(convnet(params, x), dim=1)).sum(1).mean()
+    torch.testing.assert_close(ours, by_hand, rtol=1e-10, atol=1e-12)
+
+
+def test_evaluation_networks_train_on_the_soft_targets():
+    """One epoch of the evaluation's training on soft labels equals SGD on the soft
+    cross-entropy done by hand, batch by batch."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.softmax(torch.randn(6, 3, generator=gen, dtype=torch.float64), dim=1)
+    params = [p.double() for p in SPEC.init_params(torch.Generator().manual_seed(1))]
+    net = SPEC.module([p.clone() for p in params], "builtin").double().requires_grad_(True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    no_aug = Augmenter(AugmentConfig(enabled=False))
+    train_epoch(net, opt, x, t, 4, no_aug, torch.Generator().manual_seed(5))
+    by_hand = [p.clone().requires_grad_(True) for p in params]
+    for idx in torch.randperm(6, generator=torch.Generator().manual_seed(5)).split(4):
+        loss = -(t[idx] * torch.log_softmax(convnet(by_hand, x[idx]), dim=1)).sum(1).mean()
+        grads = torch.autograd.grad(loss, by_hand)
+        by_hand = [(p - 0.1 * g).detach().requires_grad_(True) for p, g in zip(by_hand, grads)]
+    for ours, theirs in zip(net.parameters(), by_hand):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-10, atol=1e-12)
+
+
+def soft_set(n=6, k=3) -> SyntheticSet:
+    gen = torch.Generator().manual_seed(0)
+    return SyntheticSet(torch.randn(n, 1, 8, 8, generator=gen),
+                        torch.softmax(torch.randn(n, k, generator=gen), 1), 0.01,
+                        {"iteration": 4, "labels": "teacher"},
+                        torch.arange(k).repeat_interleave(n // k))
+
+
+def test_a_soft_label_set_round_trips_through_files_and_the_object_store_codec():
+    from mct_ray.runtime.codec import synthetic_from_numpy, synthetic_to_numpy
+
+    syn = soft_set()
+    back = formats.load_synthetic(formats.save_synthetic(syn, SPEC), "s", SPEC)
+    assert back.soft and torch.equal(back.labels, syn.labels)
+    assert torch.equal(back.classes, syn.classes) and back.info["labels"] == "teacher"
+    assert torch.equal(back.hard().labels, syn.classes) and not back.hard().soft
+    again = synthetic_from_numpy(synthetic_to_numpy(back))
+    assert torch.equal(again.labels, syn.labels) and torch.equal(again.classes, syn.classes)
+
+
+@pytest.mark.parametrize("bad", ["nan", "not-a-distribution", "no-classes", "class-count",
+                                 "negative-class"])
+def test_bad_soft_labels_are_refused_in_one_line(bad):
+    syn = soft_set()
+    tensors = {"images": syn.images, "labels": syn.labels.clone(), "classes": syn.classes}
+    spec = SPEC
+    if bad == "nan":
+        tensors["labels"][0, 0] = float("nan")
+    elif bad == "not-a-distribution":
+        tensors["labels"] *= 2
+    elif bad == "no-classes":
+        del tensors["classes"]
+    elif bad == "class-count":
+        from dataclasses import replace
+
+        spec = replace(SPEC, num_classes=4)
+    else:
+        tensors["classes"] = syn.classes - 1
+    data = formats.pack(formats.SYNTHETIC, tensors,
+                        {"net": spec.describe(), "step_size": 0.01, "info": {}})
+    with pytest.raises(FormatError) as err:
+        formats.load_synthetic(data, "bad.safetensors", spec)
+    assert "\n" not in str(err.value) and str(err.value).startswith("bad.safetensors: ")
+
+
+def test_a_teacher_label_run_scores_hard_labels_beside_and_eval_reads_its_labels(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--local", "--out", str(out), *TINY, "distill.labels=teacher"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"] == "teacher"
+    assert 0 <= summary["hard_label_acc_mean"] <= 1
+    best = formats.load_synthetic((out / "synthetic.safetensors").read_bytes(), "s")
+    if best.iteration == 0:  # the starting images, hard labels: the two scores are one
+        assert summary["hard_label_acc_mean"] == summary["best_acc_mean"]
+    last = formats.load_synthetic((out / "last.safetensors").read_bytes(), "s")
+    assert last.info["labels"] == "teacher" and last.soft
+    assert main(["eval", "--local", "--out", str(tmp_path / "e"), "--synthetic",
+                 str(out / "last.safetensors"), *TINY]) == 0
+    scored = json.loads((tmp_path / "e" / "eval.json").read_text())
+    from mct_ray.pipeline import Context
+
+    ctx = Context.build(load_config("digits", [*TINY, "distill.labels=teacher"]))
+    assert scored["accs"] == list(evaluate(ctx.cfg, ctx.spec, ctx.data, last, "final").accs)
+    assert scored["labels"] == "soft"
+
+
+def test_a_resumed_teacher_label_run_ends_as_the_uninterrupted_one(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    args = [*TINY, "distill.labels=teacher"]
+    assert main(["run", "--local", "--out", str(whole), *args]) == 0
+    half = [a for a in args if not a.startswith("distill.iterations")]
+    assert main(["distill", "--local", "--out", str(part), "--experts", str(whole), *half,
+                 "distill.iterations=2"]) == 0
+    assert main(["distill", "--local", "--out", str(part), "--experts", str(whole),
+                 "--resume", *args]) == 0
+    load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")  # noqa
+    a, b = load(whole), load(part)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
