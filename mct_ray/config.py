@@ -102,6 +102,10 @@ class DistillConfig:
     syn_steps: int = _f(50, lo=1, hi=10_000, doc="N")
     expert_epochs: float = _f(2.0, lo=0.0, hi=10_000.0, doc="M")
     max_start_epoch: float = _f(20.0, lo=0.0, hi=10_000.0)
+    start_window: tuple[float, ...] = _f((), doc="[min, initial max, iterations]: DATM's "
+                                         "window of start epochs, from [min, initial max) "
+                                         "growing to [min, max_start_epoch) over that many "
+                                         "iterations; empty: [0, max_start_epoch) throughout")
     batch_syn: int = _f(0, lo=0, hi=1_000_000, doc="0 uses the whole synthetic set")
     lr_img: float = _f(1000.0, lo=0.0, hi=1e7)
     lr_lr: float = _f(1e-5, lo=0.0, hi=10.0)
@@ -296,6 +300,12 @@ def _coerce(key: str, value: Any, typ: Any, meta: dict) -> Any:
         item = get_args(typ)[0] if get_args(typ) else None
         if item is str and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of names, got {list(value)!r}")
+        if item is float:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v) for v in value):
+                raise ConfigError(f"config key '{key}' must be a list of numbers, got "
+                                  f"{list(value)!r}")
+            value = tuple(float(v) for v in value)
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if choices is not None and value not in choices:
         allowed = ", ".join(map(str, choices))
@@ -344,6 +354,8 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError("config key 'distill.max_start_epoch' must be at least 1 for "
                               f"method mtt (starts are 0 .. max_start_epoch - 1), got "
                               f"{d.max_start_epoch}")
+    if d.start_window:
+        check_start_window(d)
     check_expert_epochs(d, e.epochs, "expert.epochs")
     if d.expert_epochs <= 0:
         raise ConfigError("config key 'distill.expert_epochs' must be above 0")
@@ -355,6 +367,27 @@ def _check_cross(cfg: Config) -> None:
     if e.smooth_anchors and not anchors:
         raise ConfigError("config key 'expert.smooth_anchors' needs interior anchors "
                           "(expert.anchors), as the authors' compression script smooths them")
+
+
+def check_start_window(d: DistillConfig) -> None:
+    w = d.start_window
+    if len(w) != 3 or not 0 <= w[0] < w[1] <= d.max_start_epoch or w[2] < 1 \
+            or w[2] != int(w[2]) or (d.method == "mtt" and any(v != int(v) for v in w)):
+        raise ConfigError("config key 'distill.start_window' must be [min, initial max, "
+                          "iterations] with 0 <= min < initial max <= distill.max_start_epoch "
+                          f"({d.max_start_epoch:g}) and iterations a whole number >= 1 (whole "
+                          f"epochs for method mtt), got {list(w)}")
+
+
+def start_bounds(d: DistillConfig, iteration: int) -> tuple[float, float]:
+    """[low, high) of the start epochs at `iteration`: DATM's window, whose upper bound
+    grows by whole epochs from the initial max to max_start_epoch (their int() of the
+    linear growth), or [0, max_start_epoch) throughout."""
+    if not d.start_window:
+        return 0.0, d.max_start_epoch
+    low, first, iterations = d.start_window
+    grown = int((d.max_start_epoch - first) * iteration / iterations)
+    return low, min(first + grown, d.max_start_epoch)
 
 
 def check_expert_epochs(d: DistillConfig, epochs: int, where: str) -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mct_ray.augment import AugPlan, Augmenter
-from mct_ray.config import DistillConfig
+from mct_ray.config import DistillConfig, start_bounds
 from mct_ray.errors import DivergenceError, FormatError
 from mct_ray.nets import NetSpec
 from mct_ray.rng import generator
@@ -117,13 +117,16 @@ def init_synthetic(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: in
 
 
 def sample_segment(trajectories: list[Trajectory], cfg: DistillConfig, gen: torch.Generator,
-                   device: str) -> Segment:
+                   device: str, iteration: int = 0) -> Segment:
+    """Which expert, and the (start, target) pair on it: the start drawn from the window
+    of `iteration` (`config.start_bounds`: [0, max_start_epoch) without a window)."""
     k = int(torch.randint(len(trajectories), (1,), generator=gen))
     traj = trajectories[k]
-    if cfg.method == "mct":  # continuous: c ~ U[0, max_start), as np.random.uniform
-        c = float(torch.rand((), generator=gen, dtype=torch.float64)) * cfg.max_start_epoch
-    else:  # MTT: a whole epoch in 0 .. max_start - 1, as np.random.randint in MTT's code
-        c = float(torch.randint(int(cfg.max_start_epoch), (1,), generator=gen))
+    low, high = start_bounds(cfg, iteration)
+    if cfg.method == "mct":  # continuous: c ~ U[low, high), as np.random.uniform
+        c = low + float(torch.rand((), generator=gen, dtype=torch.float64)) * (high - low)
+    else:  # MTT: a whole epoch in low .. high - 1, as np.random.randint in MTT's code
+        c = low + float(torch.randint(int(high - low), (1,), generator=gen))
     target_epoch = min(c + cfg.expert_epochs, traj.num_epochs)
     start = unflatten(traj.spec, traj.point(c).to(device))
     target = unflatten(traj.spec, traj.point(target_epoch).to(device))
@@ -334,7 +337,7 @@ class Distiller:
 
     def step(self) -> StepResult:
         gen = generator(self.seed, "distill", self.iteration)
-        seg = sample_segment(self.trajectories, self.cfg, gen, self.device)
+        seg = sample_segment(self.trajectories, self.cfg, gen, self.device, self.iteration)
         if self.cfg.labels == "teacher":
             self.set_labels(teacher_labels(self.spec, self.trajectories[seg.expert],
                                            self.cfg.max_start_epoch, self.images,

@@ -197,3 +197,60 @@ def test_a_resumed_teacher_label_run_ends_as_the_uninterrupted_one(tmp_path):
     load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")  # noqa
     a, b = load(whole), load(part)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+# ---------------------------------------------------------------------------------------
+# DATM's difficulty-aligned window of start epochs.
+
+def datm_upper(it: int, initial: float, final: float, iterations: float) -> float:
+    """DATM.py's bound: min(current_max + int((max - current_max) * it / expansion_end), max)."""
+    return min(initial + int((final - initial) * it / iterations), final)
+
+
+@pytest.mark.parametrize("method", ["mct", "mtt"])
+def test_the_start_window_grows_as_datms(method):
+    from mct_ray.config import start_bounds
+    from mct_ray.distill import sample_segment
+
+    cfg = load_config("digits", [f"distill.method={method}", "distill.max_start_epoch=20",
+                                 "distill.start_window=[2,5,100]",
+                                 "distill.expert_epochs=2"]).distill
+    for it in (0, 1, 7, 50, 99, 100, 101, 5000):
+        assert start_bounds(cfg, it) == (2, datm_upper(it, 5, 20, 100))
+    trajs = [convex64(random_checkpoints(30, s)) for s in (0, 1)]
+    for it in (0, 40, 200):
+        low, high = 2, datm_upper(it, 5, 20, 100)
+        starts = [sample_segment(trajs, cfg, generator(0, "w", i), "cpu", it).start_epoch
+                  for i in range(300)]
+        assert low <= min(starts) and max(starts) < high
+        assert max(starts) > high - 1.5 and min(starts) < low + 1  # the whole window is used
+        if method == "mtt":
+            assert all(s == int(s) for s in starts) and set(starts) == set(range(low, high))
+
+
+def test_without_a_window_the_draws_are_todays():
+    """No window: the same (start, target) as before the window existed, bit for bit."""
+    from mct_ray.distill import sample_segment
+
+    trajs = [convex64(random_checkpoints(10, s)) for s in (0, 1)]
+    for method in ("mct", "mtt"):
+        cfg = load_config("digits", [f"distill.method={method}", "distill.max_start_epoch=5",
+                                     "distill.expert_epochs=2"]).distill
+        for i in range(20):
+            gen = generator(0, "t", i)
+            k = int(torch.randint(2, (1,), generator=gen))
+            c = float(torch.rand((), generator=gen, dtype=torch.float64)) * 5 \
+                if method == "mct" else float(torch.randint(5, (1,), generator=gen))
+            seg = sample_segment(trajs, cfg, generator(0, "t", i), "cpu", 1000)
+            assert (seg.expert, seg.start_epoch) == (k, c)
+
+
+@pytest.mark.parametrize("window", ["[5,2,100]", "[0,30,100]", "[0,5]", "[0,5,0]",
+                                    "[0,2.5,10]", "[a,2,3]"])
+def test_a_bad_start_window_is_one_line(window):
+    from mct_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config("digits", ["distill.method=mtt", "distill.max_start_epoch=20",
+                               f"distill.start_window={window}"])
+    assert "distill.start_window" in str(err.value) and "\n" not in str(err.value)
