@@ -119,6 +119,9 @@ class DistillConfig:
                      "authors' --teacher_label)")
     init_indices: str = _f("", doc="a starting-images file (another run's "
                            "init_indices.json): start from those real images")
+    init_filter: str = _f("none", choices=("none", "correct"),
+                          doc="correct: start from images the first expert's final network "
+                          "classifies correctly (DATM)")
     image_grad_scale: float = _f(1.0, lo=0.0, hi=1e6,
                                  doc="multiplies the images' gradient before their update "
                                  "(the authors' MCT code: 0.5, see fidelity)")
@@ -356,6 +359,9 @@ def _check_cross(cfg: Config) -> None:
                               f"{d.max_start_epoch}")
     if d.start_window:
         check_start_window(d)
+    if d.init_filter != "none" and d.init_indices:
+        raise ConfigError("config keys 'distill.init_filter' and 'distill.init_indices' both "
+                          "choose the starting images: set one")
     check_expert_epochs(d, e.epochs, "expert.epochs")
     if d.expert_epochs <= 0:
         raise ConfigError("config key 'distill.expert_epochs' must be above 0")

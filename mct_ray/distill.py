@@ -109,6 +109,36 @@ def draw_init_indices(train_y: torch.Tensor, num_classes: int, ipc: int,
     return torch.cat(picks)
 
 
+def draw_correct_indices(train_y: torch.Tensor, num_classes: int, ipc: int,
+                         gen: torch.Generator, predicts: list[Callable], batch: int = 256
+                         ) -> torch.Tensor:
+    """DATM's filter of starting images: per class, its images in a random order, the first
+    ipc that the first network of `predicts` classifies correctly, read in chunks of
+    `batch`; where a class runs out, the next network goes on from the same order (images
+    kept stay kept); past the last network, the class's next images in that order."""
+    picks = []
+    for c in range(num_classes):
+        idx = torch.nonzero(train_y == c).flatten()
+        if len(idx) < ipc:
+            raise FormatError(f"class {c} has {len(idx)} training images, fewer than ipc={ipc}")
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        chosen: list[int] = []
+        for predict in predicts:
+            for chunk in order.split(batch):
+                hits = chunk[predict(chunk).cpu() == c].tolist()
+                chosen += [i for i in hits if i not in chosen][:ipc - len(chosen)]
+                if len(chosen) == ipc:
+                    break
+            if len(chosen) == ipc:
+                break
+        if len(chosen) < ipc:
+            log.warning("class %d: only %d of its images are classified correctly by the "
+                        "experts; the others are its next images", c, len(chosen))
+            chosen += [i for i in order.tolist() if i not in chosen][:ipc - len(chosen)]
+        picks.append(torch.tensor(chosen, dtype=torch.long))
+    return torch.cat(picks)
+
+
 def init_synthetic(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, ipc: int,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """ipc real images per class, drawn without replacement; labels class-major."""

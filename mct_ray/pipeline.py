@@ -270,7 +270,8 @@ def make_distiller(ctx: Context, trajectories: list[Trajectory],
     """The distiller, from the starting images the run folder `store` records (recording
     them first); without a folder, from the given or drawn ones."""
     cfg = ctx.cfg
-    idx = starting.starting_indices(ctx, store) if store is not None else starting.resolve(ctx)
+    idx = starting.starting_indices(ctx, store, trajectories) if store is not None else \
+        starting.resolve(ctx, trajectories)
     idx = idx.to(ctx.data.train_x.device)
     return Distiller(ctx.spec, trajectories, ctx.data.train_x[idx].clone(),
                      ctx.data.train_y[idx].clone(), cfg.distill, ctx.aug, cfg.seed,

@@ -17,7 +17,8 @@ import json
 import torch
 
 from mct_ray import storage as layout
-from mct_ray.distill import draw_init_indices
+from mct_ray.distill import draw_correct_indices, draw_init_indices
+from mct_ray.trajectory import unflatten
 from mct_ray.errors import ConfigError, FormatError
 from mct_ray.rng import generator
 from mct_ray.storage import Storage, parent_and_name
@@ -67,21 +68,38 @@ def given(ctx) -> torch.Tensor | None:
     return parse(Storage.open(folder).read_bytes(name), path, ctx)
 
 
-def starting_indices(ctx, store: Storage) -> torch.Tensor:
+def starting_indices(ctx, store: Storage, trajectories: list) -> torch.Tensor:
     """The run's starting images: those it recorded, else the given or drawn ones (then
     recorded before anything else is written)."""
     if store.exists(layout.INIT_INDICES):
         return parse(store.read_bytes(layout.INIT_INDICES), store.uri_of(layout.INIT_INDICES),
                      ctx)
-    indices = resolve(ctx)
+    indices = resolve(ctx, trajectories)
     store.write_json(layout.INIT_INDICES, record(ctx, indices))
     return indices
 
 
-def resolve(ctx) -> torch.Tensor:
-    """The given indices, else those the seed draws."""
+def resolve(ctx, trajectories: list) -> torch.Tensor:
+    """The given indices, else those the seed draws (with distill.init_filter=correct,
+    among the images the experts' final networks classify correctly, the first expert
+    first)."""
     indices = given(ctx)
-    if indices is None:
-        indices = draw_init_indices(ctx.data.train_y.cpu(), ctx.data.num_classes,
-                                    ctx.cfg.distill.ipc, generator(ctx.cfg.seed, "init"))
-    return indices
+    if indices is not None:
+        return indices
+    d, ipc, gen = ctx.data, ctx.cfg.distill.ipc, generator(ctx.cfg.seed, "init")
+    if ctx.cfg.distill.init_filter == "correct":
+        return draw_correct_indices(d.train_y.cpu(), d.num_classes, ipc, gen,
+                                    [final_network(ctx, t) for t in trajectories])
+    return draw_init_indices(d.train_y.cpu(), d.num_classes, ipc, gen)
+
+
+def final_network(ctx, trajectory):
+    """The class an expert's network at the end of its trajectory predicts, by index into
+    the training set."""
+    params = unflatten(ctx.spec, trajectory.point(trajectory.num_epochs).to(ctx.device))
+
+    def predict(indices: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = ctx.data.train_x[indices.to(ctx.data.train_x.device)].to(ctx.device)
+            return ctx.spec.forward(params, x, ctx.kernels).argmax(1)
+    return predict

@@ -1,5 +1,7 @@
 """Soft labels: the MCT authors' teacher labels (`distill.labels=teacher`), the student and
-the evaluation networks training on them, and the files that carry them.
+the evaluation networks training on them, and the files that carry them; DATM's window of
+start epochs (`distill.start_window`) and its filter of starting images
+(`distill.init_filter=correct`).
 
 The teacher labels are checked against the authors' definition written here (the softmax of
 the sampled expert's network at max_start_epoch of its compressed path, on the synthetic
@@ -45,11 +47,11 @@ def convex64(checkpoints) -> ConvexTrajectory:
                             beta_from_step_norms(norms))
 
 
-def convnet(params, x):
-    """SPEC's network from its definition: conv3x3 (padding as the first layer's), instance
-    norm with affine parameters, ReLU, 2x2 average pooling, linear classifier."""
+def convnet(params, x, spec=SPEC):
+    """A one-block ConvNet from its definition: conv3x3 (padding as the first layer's),
+    instance norm with affine parameters, ReLU, 2x2 average pooling, linear classifier."""
     w, b, nw, nb, cw, cb = params
-    x = F.conv2d(x, w, b, padding=SPEC.first_padding)
+    x = F.conv2d(x, w, b, padding=spec.first_padding)
     mean = x.mean((2, 3), keepdim=True)
     var = x.var((2, 3), unbiased=False, keepdim=True)
     x = (x - mean) / torch.sqrt(var + 1e-5) * nw[None, :, None, None] + nb[None, :, None, None]
@@ -254,3 +256,61 @@ def test_a_bad_start_window_is_one_line(window):
         load_config("digits", ["distill.method=mtt", "distill.max_start_epoch=20",
                                f"distill.start_window={window}"])
     assert "distill.start_window" in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------
+# DATM's filter of starting images.
+
+def test_the_correct_filter_keeps_the_first_images_the_first_expert_gets_right(tiny_ctx,
+                                                                               tiny_experts):
+    import dataclasses
+
+    from mct_ray import starting
+    from mct_ray.trajectory import unflatten
+
+    cfg = tiny_ctx.cfg.replace(**{"distill.init_filter": "correct", "distill.ipc": 3})
+    ctx = dataclasses.replace(tiny_ctx, cfg=cfg)
+    trajs = [e.convex for e in tiny_experts]
+    chosen = starting.resolve(ctx, trajs)
+    ends = [unflatten(ctx.spec, t.point(t.num_epochs)) for t in trajs]
+    x, y = ctx.data.train_x, ctx.data.train_y
+    gen, expected, by_first = generator(cfg.seed, "init"), [], 0
+    for c in range(ctx.data.num_classes):  # all of a class at once: chunking is not the rule
+        idx = torch.nonzero(y == c).flatten()
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        picked: list[int] = []
+        for end in ends:  # the first expert's hits, then the second's, then the next images
+            right = order[convnet(end, x[order], ctx.spec).argmax(1) == c].tolist()
+            picked += [i for i in right if i not in picked][:3 - len(picked)]
+        picked += [i for i in order.tolist() if i not in picked][:3 - len(picked)]
+        by_first += len(picked) == 3 and all(
+            int(convnet(ends[0], x[[i]], ctx.spec).argmax()) == c for i in picked)
+        expected += picked
+    assert chosen.tolist() == expected
+    assert by_first >= 5  # most classes decided by the first expert alone
+    unfiltered = starting.resolve(dataclasses.replace(
+        tiny_ctx, cfg=tiny_ctx.cfg.replace(**{"distill.ipc": 3})), trajs)
+    assert chosen.tolist() != unfiltered.tolist()  # the filter changed the draw
+
+
+def test_the_filter_goes_on_with_the_next_expert_then_the_next_images():
+    from mct_ray.distill import draw_correct_indices
+
+    y = torch.tensor([0] * 6 + [1] * 6)
+    first = lambda i: torch.where(i % 2 == 0, y[i], 1 - y[i])  # noqa: E731  right on evens
+    never = lambda i: 1 - y[i]  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    order = [torch.nonzero(y == c).flatten()[torch.randperm(6, generator=g)].tolist()
+             for g in [gen()] for c in (0, 1)]
+    got = draw_correct_indices(y, 2, 4, gen(), [never, first], batch=2).tolist()
+    evens = [[i for i in o if i % 2 == 0] for o in order]
+    assert got[:3] == evens[0] and got[4:7] == evens[1]  # the second network's hits
+    assert got[3] == next(i for i in order[0] if i % 2)  # then the class's next image
+    assert got[7] == next(i for i in order[1] if i % 2)
+
+
+def test_a_filter_and_a_starting_file_together_are_refused():
+    from mct_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set one"):
+        load_config("digits", ["distill.init_filter=correct", "distill.init_indices=x.json"])
