@@ -113,10 +113,13 @@ class DistillConfig:
     momentum: float = _f(0.5, lo=0.0, hi=0.999)
     min_step_size: float = _f(1e-6, lo=0.0, hi=1.0, doc="floor kept on the step size")
     grad_mode: str = _f("unroll", choices=("unroll", "checkpoint", "tesla"))
-    labels: str = _f("hard", choices=("hard", "teacher"),
+    labels: str = _f("hard", choices=("hard", "teacher", "learned"),
                      doc="hard: the class of each image; teacher: each iteration, the "
                      "sampled expert's softmax at max_start_epoch on the images (the MCT "
-                     "authors' --teacher_label)")
+                     "authors' --teacher_label); learned: DATM's label logits, learned "
+                     "beside the images")
+    lr_label: float = _f(2.0, lo=0.0, hi=1e6, doc="learned labels' SGD rate (DATM lr_y)")
+    momentum_label: float = _f(0.9, lo=0.0, hi=0.999, doc="their momentum (DATM Momentum_y)")
     init_indices: str = _f("", doc="a starting-images file (another run's "
                            "init_indices.json): start from those real images")
     init_filter: str = _f("none", choices=("none", "correct"),

@@ -174,6 +174,26 @@ def teacher_labels(spec: NetSpec, trajectory: Trajectory, epoch: float, images: 
     return torch.softmax(logits, dim=1)
 
 
+def initial_label_logits(spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
+                         classes: torch.Tensor, kernels: str = "fast", batch: int = 256
+                         ) -> torch.Tensor:
+    """DATM's initial labels: per image, the mean of the raw logits of the experts' final
+    networks that classify it correctly (of all of them, for an image none gets right)."""
+    total = torch.zeros(len(images), spec.num_classes, dtype=images.dtype,
+                        device=images.device)
+    right = torch.zeros(len(images), 1, dtype=images.dtype, device=images.device)
+    every = torch.zeros_like(total)
+    with torch.no_grad():
+        for traj in trajectories:
+            params = unflatten(spec, traj.point(traj.num_epochs).to(images.device, images.dtype))
+            logits = torch.cat([spec.forward(params, x, kernels) for x in images.split(batch)])
+            hit = (logits.argmax(1) == classes).to(images.dtype)[:, None]
+            total += hit * logits
+            right += hit
+            every += logits
+    return torch.where(right > 0, total / right.clamp_min(1), every / len(trajectories))
+
+
 def plan_unroll(num_syn: int, batch_syn: int, num_steps: int, size: int, aug: Augmenter,
                 gen: torch.Generator) -> list[StepPlan]:
     """Minibatches walk shuffled passes over the synthetic set, as in MTT."""
@@ -271,7 +291,7 @@ def grad_unroll(student: Student, images: torch.Tensor, step_size: torch.Tensor,
                 plans: list[StepPlan]) -> torch.Tensor:
     final = student.run(_leaves(seg.start), images, step_size, plans, keep_graph=True)
     loss = match_loss(final, seg)
-    loss.backward(inputs=[images, step_size])
+    loss.backward(inputs=_inputs(student, images, step_size))
     return loss.detach()
 
 
@@ -295,11 +315,11 @@ def grad_checkpoint(student: Student, images: torch.Tensor, step_size: torch.Ten
     for (a, b), start in reversed(list(zip(zip(bounds[:-1], bounds[1:]), boundary_params))):
         leaves = _leaves(start)
         out = student.run(leaves, images, step_size, plans[a:b], keep_graph=True)
-        grads = torch.autograd.grad(out, [images, step_size, *leaves], upstream,
-                                    allow_unused=True)
-        _accumulate(images, grads[0])
-        _accumulate(step_size, grads[1])
-        upstream = list(grads[2:])
+        inputs = _inputs(student, images, step_size)
+        grads = torch.autograd.grad(out, [*inputs, *leaves], upstream, allow_unused=True)
+        for leaf, grad in zip(inputs, grads):
+            _accumulate(leaf, grad)
+        upstream = list(grads[len(inputs):])
     return loss
 
 
@@ -314,7 +334,7 @@ def grad_tesla(student: Student, images: torch.Tensor, step_size: torch.Tensor, 
         _, grads = student.step(leaves, images, step_size, plan)
         # theta_N depends on this step through -step_size * g(images): chain with upstream.
         inner = -step_size * sum((g * u).sum() for g, u in zip(grads, upstream))
-        inner.backward(inputs=[images, step_size])
+        inner.backward(inputs=_inputs(student, images, step_size))
         params = [p - step_size.detach() * g.detach() for p, g in zip(params, grads)]
     return loss
 
@@ -329,6 +349,14 @@ GRAD_MODES: dict[str, GradMode] = {
         st, x, lr, seg, plans, cfg.checkpoint_segments),
     "tesla": lambda st, x, lr, seg, plans, cfg: grad_tesla(st, x, lr, seg, plans),
 }
+
+
+def _inputs(student: Student, images: torch.Tensor, step_size: torch.Tensor
+            ) -> list[torch.Tensor]:
+    """What a mode differentiates: the images, the step size and, when they are learned,
+    the labels (the student's distributions, a leaf that requires grad)."""
+    learned = student.labels.requires_grad
+    return [images, step_size, *([student.labels] if learned else [])]
 
 
 def _accumulate(leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
@@ -354,15 +382,31 @@ class Distiller:
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
         self.student = Student(spec, self.labels, aug, cfg.autocast, kernels)
+        self.label_logits: torch.Tensor | None = None  # learned labels (DATM), as logits
+        if cfg.labels == "learned":
+            self.label_logits = initial_label_logits(spec, trajectories, self.images.detach(),
+                                                     self.classes, kernels).requires_grad_()
+            self.opt_label = torch.optim.SGD([self.label_logits], lr=cfg.lr_label,
+                                             momentum=cfg.momentum_label)
+            self.set_labels(torch.softmax(self.label_logits.detach(), 1))
         self.iteration = 0
         self.bad_streak = 0
 
     def compute_grads(self, seg: Segment, plans: list[StepPlan]) -> torch.Tensor:
-        """Fill images.grad and step_size.grad for one segment; returns the loss."""
+        """Fill images.grad and step_size.grad (and, when learned, the label logits') for
+        one segment; returns the loss."""
+        if self.label_logits is not None:  # the modes differentiate the distributions
+            self.set_labels(torch.softmax(self.label_logits.detach(), 1).requires_grad_())
         loss = GRAD_MODES[self.cfg.grad_mode](self.student, self.images, self.step_size, seg,
                                               plans, self.cfg)
         if self.cfg.image_grad_scale != 1.0 and self.images.grad is not None:
             self.images.grad.mul_(self.cfg.image_grad_scale)
+        if self.label_logits is not None:  # then through the softmax to the logits
+            probs = self.labels
+            if probs.grad is not None:
+                self.label_logits.grad = torch.autograd.grad(
+                    torch.softmax(self.label_logits, 1), self.label_logits, probs.grad)[0]
+            self.set_labels(probs.detach())
         return loss
 
     def step(self) -> StepResult:
@@ -374,15 +418,19 @@ class Distiller:
                                            self.student.kernels))
         plans = plan_unroll(len(self.images), self.cfg.batch_syn, self.cfg.syn_steps,
                             self.images.shape[-1], self.aug, gen)
-        self.opt_img.zero_grad(set_to_none=True)
-        self.opt_lr.zero_grad(set_to_none=True)
+        learned = () if self.label_logits is None else (self.label_logits,)
+        for p in (self.images, self.step_size, *learned):
+            p.grad = None
         loss = self.compute_grads(seg, plans)
         finite = bool(torch.isfinite(loss)) and all(
             p.grad is not None and bool(torch.isfinite(p.grad).all())
-            for p in (self.images, self.step_size))
+            for p in (self.images, self.step_size, *learned))
         if finite:
             self.opt_img.step()
             self.opt_lr.step()
+            if learned:
+                self.opt_label.step()
+                self.set_labels(torch.softmax(self.label_logits.detach(), 1))
             with torch.no_grad():
                 self.step_size.clamp_(min=self.cfg.min_step_size)
             self.bad_streak = 0
@@ -410,12 +458,15 @@ class Distiller:
                             self.classes.cpu().clone() if soft else None)
 
     def state_dict(self) -> dict:
+        learned = {} if self.label_logits is None else {
+            "label_logits": self.label_logits.detach().cpu().clone(),
+            "opt_label": self.opt_label.state_dict()}
         return {"iteration": self.iteration, "bad_streak": self.bad_streak,
                 "images": self.images.detach().cpu().clone(),
                 "labels": self.labels.cpu().clone(),
                 "step_size": self.step_size.detach().cpu().clone(),
                 "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
-                "seed": self.seed}
+                "seed": self.seed, **learned}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["images"].shape) != tuple(self.images.shape):
@@ -433,6 +484,14 @@ class Distiller:
                                   else self.classes.dtype))
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])
+        if self.label_logits is not None:
+            logits = state.get("label_logits")
+            if logits is None or tuple(logits.shape) != tuple(self.label_logits.shape):
+                raise FormatError("distillation state has no learned labels of shape "
+                                  f"{tuple(self.label_logits.shape)} (distill.labels=learned)")
+            with torch.no_grad():
+                self.label_logits.copy_(logits)
+            self.opt_label.load_state_dict(state["opt_label"])
         self.iteration = int(state["iteration"])
         self.bad_streak = int(state["bad_streak"])
         self.seed = int(state["seed"])

@@ -1,7 +1,8 @@
 """Soft labels: the MCT authors' teacher labels (`distill.labels=teacher`), the student and
 the evaluation networks training on them, and the files that carry them; DATM's window of
 start epochs (`distill.start_window`) and its filter of starting images
-(`distill.init_filter=correct`).
+(`distill.init_filter=correct`); DATM's learned labels (`distill.labels=learned`), their
+gradient against finite differences.
 
 The teacher labels are checked against the authors' definition written here (the softmax of
 the sampled expert's network at max_start_epoch of its compressed path, on the synthetic
@@ -26,7 +27,7 @@ from mct_ray.errors import FormatError
 from mct_ray.evaluate import evaluate
 from mct_ray.experts import anchor_points, smoothing_epochs, train_epoch
 from mct_ray.rng import generator
-from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten
+from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten, unflatten
 from tests.conftest import TINY
 from tests.test_authors_mct import SPEC, authors_compress, authors_point, random_checkpoints
 
@@ -266,7 +267,6 @@ def test_the_correct_filter_keeps_the_first_images_the_first_expert_gets_right(t
     import dataclasses
 
     from mct_ray import starting
-    from mct_ray.trajectory import unflatten
 
     cfg = tiny_ctx.cfg.replace(**{"distill.init_filter": "correct", "distill.ipc": 3})
     ctx = dataclasses.replace(tiny_ctx, cfg=cfg)
@@ -314,3 +314,100 @@ def test_a_filter_and_a_starting_file_together_are_refused():
 
     with pytest.raises(ConfigError, match="set one"):
         load_config("digits", ["distill.init_filter=correct", "distill.init_indices=x.json"])
+
+
+# ---------------------------------------------------------------------------------------
+# DATM's learned labels.
+
+def learned_case(mode: str, steps: int = 3):
+    checkpoints = [random_checkpoints(10, s) for s in (0, 1)]
+    trajs = [convex64(c) for c in checkpoints]
+    cfg = load_config("fashion-mnist-ipc1", ["distill.labels=learned",
+                                             f"distill.grad_mode={mode}",
+                                             f"distill.syn_steps={steps}",
+                                             "distill.image_grad_scale=1"]).distill
+    gen = torch.Generator().manual_seed(11)
+    images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    aug = Augmenter(AugmentConfig(enabled=True, mode="all"))
+    distiller = Distiller(SPEC, trajs, images, classes, cfg, aug, seed=0)
+    distiller.step_size = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    start = [p.double() for p in SPEC.init_params(torch.Generator().manual_seed(2))]
+    target = [p + 0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+              for p in start]
+    from mct_ray.distill import Segment
+
+    seg = Segment(0, 0.0, 1.0, start, target)
+    plans = plan_unroll(6, 4, steps, 8, aug, torch.Generator().manual_seed(4))
+    return distiller, seg, plans, trajs, images, classes
+
+
+def matching_loss_at(distiller, seg, plans, logits) -> float:
+    """The matching loss after the unroll with labels softmax(logits), computed afresh."""
+    from mct_ray.distill import Student, match_loss
+
+    student = Student(SPEC, torch.softmax(logits, 1), distiller.aug)
+    final = student.run([p.clone() for p in seg.start], distiller.images.detach(),
+                        distiller.step_size.detach(), plans, keep_graph=False)
+    return float(match_loss(final, seg))
+
+
+def test_the_learned_labels_gradient_through_the_unroll_is_the_finite_difference():
+    distiller, seg, plans, *_ = learned_case("unroll")
+    distiller.compute_grads(seg, plans)
+    grad, z = distiller.label_logits.grad, distiller.label_logits.detach()
+    assert grad is not None and float(grad.abs().max()) > 1e-8
+    h = 1e-6
+    for i, k in [(0, 0), (1, 2), (3, 1), (5, 0), (4, 2)]:
+        e = torch.zeros_like(z)
+        e[i, k] = h
+        fd = (matching_loss_at(distiller, seg, plans, z + e)
+              - matching_loss_at(distiller, seg, plans, z - e)) / (2 * h)
+        assert abs(float(grad[i, k]) - fd) <= 1e-6 * max(1.0, abs(fd)), (i, k, fd)
+
+
+def test_checkpoint_and_tesla_give_the_learned_labels_their_gradients():
+    """checkpoint: the unroll's value; tesla: exact for one step, TESLA's approximation
+    (each step's parameters held constant) beyond."""
+    grads = {}
+    for mode, steps in (("unroll", 3), ("checkpoint", 3), ("unroll", 1), ("tesla", 1)):
+        distiller, seg, plans, *_ = learned_case(mode, steps)
+        distiller.compute_grads(seg, plans)
+        grads[(mode, steps)] = distiller.label_logits.grad
+    torch.testing.assert_close(grads[("checkpoint", 3)], grads[("unroll", 3)],
+                               rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(grads[("tesla", 1)], grads[("unroll", 1)],
+                               rtol=1e-9, atol=1e-13)
+
+
+def test_learned_labels_start_from_the_experts_that_get_each_image_right():
+    distiller, _, _, trajs, images, classes = learned_case("unroll")
+    ends = [unflatten(SPEC, t.point(t.num_epochs)) for t in trajs]
+    logits = torch.stack([convnet(e, images) for e in ends])  # (experts, images, classes)
+    right = logits.argmax(2) == classes
+    for i in range(len(images)):
+        rows = logits[right[:, i], i] if right[:, i].any() else logits[:, i]
+        torch.testing.assert_close(distiller.label_logits[i].detach(), rows.mean(0),
+                                   rtol=1e-10, atol=1e-12)
+    before = distiller.label_logits.detach().clone()
+    distiller.step()
+    assert not torch.equal(distiller.label_logits.detach(), before)  # they are learned
+    torch.testing.assert_close(distiller.snapshot().labels,
+                               torch.softmax(distiller.label_logits.detach(), 1))
+
+
+def test_a_resumed_learned_label_run_ends_as_the_uninterrupted_one(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    args = [*TINY, "distill.labels=learned", "distill.init_filter=correct",
+            "distill.start_window=[0,1,3]"]
+    assert main(["run", "--local", "--out", str(whole), *args]) == 0
+    half = [a for a in args if not a.startswith("distill.iterations")]
+    assert main(["distill", "--local", "--out", str(part), "--experts", str(whole), *half,
+                 "distill.iterations=2"]) == 0
+    assert main(["distill", "--local", "--out", str(part), "--experts", str(whole),
+                 "--resume", *args]) == 0
+    load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")  # noqa
+    a, b = load(whole), load(part)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.soft
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["labels"] == "learned" and summary["hard_label_acc_mean"] is not None
