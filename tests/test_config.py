@@ -41,6 +41,31 @@ def test_recipes_carry_the_reference_hyperparameters():
     assert load_config("tinyimagenet-ipc1", ["distill.method=mtt"]).data.zca is False
 
 
+def test_datm_recipes_carry_datms_configs():
+    """DATM's ConvIN configs (NUS-HPC-AI-Lab/DATM configs/*/ConvIN/IPC*.yaml; sources in the
+    YAML): N, M, start window, max start, lr_img, lr_lr, lr_y, batch_syn, the init filter."""
+    got = {}
+    for data in ("cifar10", "cifar100", "tinyimagenet"):
+        for ipc in (1, 10, 50):
+            cfg = load_config(f"datm-{data}-ipc{ipc}")
+            d = cfg.distill
+            assert (d.method, d.labels, cfg.data.zca, cfg.expert.epochs) == \
+                ("mtt", "learned", True, 100)
+            got[(data, ipc)] = (d.syn_steps, d.expert_epochs, d.start_window, d.max_start_epoch,
+                                d.lr_img, d.lr_lr, d.lr_label, d.batch_syn, d.init_filter)
+    assert got == {
+        ("cifar10", 1): (80, 2, (), 4, 100, 1e-7, 5, 10, "correct"),
+        ("cifar10", 10): (80, 2, (0, 10, 1000), 20, 100, 1e-5, 2, 100, "correct"),
+        ("cifar10", 50): (80, 2, (0, 20, 2000), 40, 1000, 1e-5, 2, 500, "correct"),
+        ("cifar100", 1): (40, 3, (0, 20, 1000), 30, 1000, 1e-5, 10, 0, "correct"),
+        ("cifar100", 10): (80, 2, (0, 30, 2000), 50, 1000, 1e-5, 10, 0, "correct"),
+        ("cifar100", 50): (80, 2, (20, 70, 1), 70, 1000, 1e-5, 10, 1000, "none"),
+        ("tinyimagenet", 1): (40, 2, (0, 15, 2000), 20, 10000, 1e-4, 10, 0, "correct"),
+        ("tinyimagenet", 10): (40, 2, (10, 50, 1), 50, 100, 1e-4, 10, 500, "correct"),
+        ("tinyimagenet", 50): (20, 2, (40, 70, 1), 70, 100, 1e-4, 10, 1000, "correct")}
+    assert load_config("datm-tinyimagenet-ipc10").net.depth == 4
+
+
 def test_overrides_are_typed_and_nested():
     cfg = load_config("digits", ["distill.ipc=10", "seed=3", "distill.lr_lr=1e-6",
                                  "expert.anchors=[2, 5]", "augment.enabled=false"])
