@@ -160,11 +160,10 @@ def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, in
     return rows, best
 
 
-def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] | None = None,
-        iterations: int | None = None, variants: tuple | None = None, models: tuple = (),
-        seeds: list[int] | None = None) -> tuple[list[dict], list[dict]]:
+def prepare(protocol: str, device: str, data_root: str | None):
+    """The protocol's shared part: its common overrides, the data subset, the network, the
+    augmentation and the experts (every epoch kept), which every method distils from."""
     proto = PROTOCOLS[protocol]
-    variants = variants or proto["variants"]
     common = ["run.progress=false", "expert.keep_full=true", *proto["experts"],
               *proto["segment"]] + ([f"data.root={data_root}"] if data_root else [])
     cfg0 = load_config("fashion-mnist", common)  # data, network and experts: shared by all
@@ -176,6 +175,15 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
                for i in range(cfg0.expert.num_experts)]
     print(f"{len(experts)} experts in {time.perf_counter() - t0:.0f} s, test accuracy "
           f"{[round(100 * e.test_acc, 1) for e in experts]} %", flush=True)
+    return common, data, spec, aug, experts
+
+
+def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] | None = None,
+        iterations: int | None = None, variants: tuple | None = None, models: tuple = (),
+        seeds: list[int] | None = None) -> tuple[list[dict], list[dict]]:
+    proto = PROTOCOLS[protocol]
+    variants = variants or proto["variants"]
+    common, data, spec, aug, experts = prepare(protocol, device, data_root)
     rows: list[dict] = []
     cross: list[dict] = []  # with `models`: the best sets on other architectures
     for ipc, plan in proto["ipc"].items():

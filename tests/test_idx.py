@@ -213,3 +213,28 @@ def test_bench_fashion_tiny_protocol_runs(tmp_path, capsys):
     assert fashion.main(["--protocol", "tiny", "--out", str(tmp_path / "out"), "--combine",
                          str(tmp_path / "run.log")]) == 0
     assert (tmp_path / "out" / "fashion_tiny_combined_summary.parquet").exists()
+
+
+def test_bench_soft_labels_tiny_protocol_runs(tmp_path, capsys):
+    """bench/soft_labels.py end to end at seconds-long sizes: every variant, the hard-label
+    score of each best set, the summary and its last line."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from bench import soft_labels
+
+    write_idx_set(tmp_path / "data" / "fashion-mnist", n_train=60, n_test=20)
+    assert soft_labels.main(["--protocol", "tiny", "--threads", "1", "--data-root",
+                             str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "out" / "soft_labels_tiny.parquet").to_pylist()
+    assert {r["variant"] for r in rows} == {v[0] for v in soft_labels.VARIANTS}
+    assert {r["seed"] for r in rows} == {0, 1}
+    assert all(0 <= r["hard_of_best"] <= 1 for r in rows)
+    summary = pq.read_table(tmp_path / "out" / "soft_labels_tiny_summary.parquet").to_pylist()
+    assert len(summary) == len(soft_labels.VARIANTS)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("fashion_soft_minus_hard_ipc1=")
+    assert float(last.split("=")[1]) == round(soft_labels.soft_minus_hard(rows, 1), 2)

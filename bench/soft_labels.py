@@ -1,0 +1,160 @@
+"""Fashion-MNIST: what soft labels add to MCT, apart from what the images add.
+
+Hard labels against the MCT authors' teacher labels and DATM's learned labels (with and
+without DATM's window of start epochs), from the same experts and the same starting images
+(the seed's draw, unfiltered, so the labels alone differ), 3 seeds, on `bench.fashion`'s
+reduced protocol (its data subset, experts and segment settings). Each run's best set (by
+its evaluations) is also trained with hard labels on the same networks: the images' own
+score.
+
+    python -m bench.soft_labels                    # reduced protocol, ipc 10 and 1
+    python -m bench.soft_labels --ipc 10           # one part
+    python -m bench.soft_labels --protocol tiny    # seconds (the tests)
+
+Writes bench/results/soft_labels_<protocol>.parquet (a row per evaluation) and
+_summary.parquet; last line fashion_soft_minus_hard_ipc10=<points: per seed, the better
+of teacher and learned minus hard, best accuracy, mean over seeds>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+
+import torch  # noqa: E402
+
+from bench import fashion  # noqa: E402
+from bench.common import RESULTS, print_table, save_table  # noqa: E402
+from mct_ray.config import load_config  # noqa: E402
+from mct_ray.distill import SyntheticSet, init_synthetic  # noqa: E402
+from mct_ray.evaluate import evaluate  # noqa: E402
+from mct_ray.rng import generator  # noqa: E402
+
+# (label, overrides); the window grows from the first start epoch to the protocol's max
+# over half the iterations (DATM grows it over a fifth to a third of theirs).
+VARIANTS = (("hard", []), ("teacher", ["distill.labels=teacher"]),
+            ("learned", ["distill.labels=learned"]),
+            ("learned + window", ["distill.labels=learned", "WINDOW"]))
+
+# What each protocol adds to bench.fashion's protocol of the same name, per ipc.
+PLANS = {
+    "reduced": {10: {"seeds": [0, 1, 2], "iterations": 50, "every": 25,
+                     "over": ["eval.epochs=200", "eval.num_eval=1", "distill.batch_syn=20"]},
+                1: {"seeds": [0, 1, 2], "iterations": 100, "every": 20,
+                    "over": ["eval.epochs=300", "eval.num_eval=1"]}},
+    "tiny": {1: {"seeds": [0, 1], "iterations": 2, "every": 1,
+                 "over": ["eval.epochs=2", "eval.num_eval=1"]}},
+}
+
+
+def window(iterations: int) -> str:
+    return f"distill.start_window=[0,1,{max(1, iterations // 2)}]"
+
+
+def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] | None,
+        variants: tuple) -> list[dict]:
+    common, data, spec, aug, experts = fashion.prepare(protocol, device, data_root)
+    rows = []
+    for ipc, plan in PLANS[protocol].items():
+        if only_ipc and ipc not in only_ipc:
+            continue
+        base = [*common, f"distill.iterations={plan['iterations']}", *plan["over"],
+                "distill.method=mct"]
+        recipe = f"fashion-mnist-ipc{ipc}"
+        ipc_cfg = load_config(recipe, base)
+        for seed in plan["seeds"]:
+            images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
+                                            generator(seed, "synthetic-init"))
+            start = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
+            init = evaluate(ipc_cfg.replace(seed=seed), spec, data, start, device=device).mean
+            print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
+            for label, over in variants:
+                over = [window(plan["iterations"]) if o == "WINDOW" else o
+                        for o in over]
+                cfg = load_config(recipe, [*base, *over]).replace(seed=seed)
+                print(f"ipc {ipc} seed {seed}: {label}", flush=True)
+                curve, best = fashion.distill_curve(cfg, spec, data, experts, images, labels,
+                                                    aug, seed, plan["every"], init, device)
+                best = best or start
+                hard = evaluate(cfg, spec, data, best.hard(), device=device).mean
+                print(f"  best (iteration {best.iteration}) with hard labels: "
+                      f"{100 * hard:.2f} %", flush=True)
+                rows += [{"ipc": ipc, "seed": seed, "variant": label, "hard_of_best": hard,
+                          **r} for r in curve]
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (ipc, variant): best accuracy (mean +- std over seeds), the best images' score with
+    hard labels, and best minus hard's best per seed."""
+    best: dict = {}  # (ipc, variant, seed) -> the run's best row (the first, on ties)
+    for r in rows:
+        key = (r["ipc"], r["variant"], r["seed"])
+        if key not in best or r["acc_mean"] > best[key]["acc_mean"]:
+            best[key] = r
+    out = []
+    for ipc, variant in dict.fromkeys((k[0], k[1]) for k in best):
+        seeds = [k[2] for k in best if k[:2] == (ipc, variant)]
+        accs = [100 * best[(ipc, variant, s)]["acc_mean"] for s in seeds]
+        hard = [100 * best[(ipc, variant, s)]["hard_of_best"] for s in seeds]
+        diff = [100 * (best[(ipc, variant, s)]["acc_mean"] - best[(ipc, "hard", s)]["acc_mean"])
+                for s in seeds if (ipc, "hard", s) in best]
+        sd = lambda v: statistics.pstdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        out.append({"ipc": ipc, "variant": variant, "seeds": len(seeds),
+                    "best": statistics.fmean(accs), "best_std": sd(accs),
+                    "best_images_with_hard_labels": statistics.fmean(hard),
+                    "minus_hard": statistics.fmean(diff) if diff else float("nan"),
+                    "minus_hard_std": sd(diff)})
+    return out
+
+
+def soft_minus_hard(rows: list[dict], ipc: int) -> float:
+    """Per seed, the better of teacher and learned (best accuracy) minus hard's; mean."""
+    best: dict = {}
+    for r in rows:
+        if r["ipc"] == ipc:
+            key = (r["variant"], r["seed"])
+            best[key] = max(best.get(key, 0.0), r["acc_mean"])
+    seeds = sorted({s for (v, s) in best if v == "hard"})
+    return statistics.fmean(
+        100 * (max(best.get((v, s), 0.0) for v in ("teacher", "learned")) - best[("hard", s)])
+        for s in seeds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=sorted(PLANS), default="reduced")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    parser.add_argument("--ipc", type=int, nargs="*", help="only these ipc of the protocol")
+    parser.add_argument("--variants", nargs="*", choices=[v[0] for v in VARIANTS])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    variants = tuple(v for v in VARIANTS if not args.variants or v[0] in args.variants)
+    rows = run(args.protocol, args.device, args.data_root, args.ipc, variants)
+    out = pathlib.Path(args.out) if args.out else RESULTS
+    name = f"soft_labels_{args.protocol}" + (f"_ipc{'-'.join(map(str, args.ipc))}"
+                                              if args.ipc else "")
+    save_table(name, rows, out)
+    table = summarise(rows)
+    save_table(f"{name}_summary", table, out)
+    print_table(table)
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    ipcs = sorted({r["ipc"] for r in rows})
+    labels = {r["variant"] for r in rows}
+    if {"hard"} < labels and labels & {"teacher", "learned"}:
+        ipc = 10 if 10 in ipcs else ipcs[0]
+        print(f"fashion_soft_minus_hard_ipc{ipc}={soft_minus_hard(rows, ipc):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
