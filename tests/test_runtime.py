@@ -177,6 +177,15 @@ def _state_iteration(folder) -> int:
         return -1
 
 
+def _wait_for_iteration(folder, thread, n: int, timeout: float = 120) -> None:
+    """Until the run in `folder` (a command running in `thread`) has checkpointed
+    iteration n."""
+    deadline = time.time() + timeout
+    while _state_iteration(folder) < n:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.02)
+
+
 def resumed_like_whole(capsys, out, whole_run, last: int = 59) -> None:
     """The command resumed between iterations 10 and `last` and ended as the uninterrupted
     run."""
@@ -197,10 +206,7 @@ def test_killed_distillation_actor_resumes_and_reproduces_the_result(ray_cluster
         ["distill", "--out", str(out), "--experts", str(local_run), *LONGER])))
     thread.start()
     actor = _distill_actor()
-    deadline = time.time() + 120
-    while _state_iteration(out) < 10:
-        assert time.time() < deadline and thread.is_alive()
-        time.sleep(0.02)
+    _wait_for_iteration(out, thread, 10)
     ray.kill(actor, no_restart=False)
     thread.join(timeout=300)
     assert result.get("code") == 0
@@ -223,10 +229,7 @@ def test_losing_the_distillation_node_resumes_elsewhere_with_the_same_result(
     thread.start()
     try:
         _distill_actor()
-        deadline = time.time() + 120
-        while _state_iteration(out) < 10:
-            assert time.time() < deadline and thread.is_alive()
-            time.sleep(0.02)
+        _wait_for_iteration(out, thread, 10)
     finally:
         for h in holders:
             ray.kill(h)
@@ -323,10 +326,7 @@ def test_evaluations_that_no_node_can_take_any_more_end_the_run_in_one_line(
     result = {}
     thread = threading.Thread(target=lambda: result.update(code=main(argv)))
     thread.start()
-    deadline = time.time() + 120
-    while _state_iteration(out) < 10:
-        assert time.time() < deadline and thread.is_alive()
-        time.sleep(0.02)
+    _wait_for_iteration(out, thread, 10)
     ray_cluster.remove_node(big, allow_graceful=False)
     thread.join(timeout=120)
     assert not thread.is_alive() and result.get("code") == 1

@@ -188,9 +188,11 @@ def test_a_teacher_label_run_scores_hard_labels_beside_and_eval_reads_its_labels
     assert scored["labels"] == "soft"
 
 
-def test_a_resumed_teacher_label_run_ends_as_the_uninterrupted_one(tmp_path):
+def resumed_and_whole(tmp_path, *overrides: str):
+    """A run of TINY with `overrides`, and the same distillation stopped at iteration 2 and
+    resumed: their last sets, and the whole run's folder."""
     whole, part = tmp_path / "whole", tmp_path / "part"
-    args = [*TINY, "distill.labels=teacher"]
+    args = [*TINY, *overrides]
     assert main(["run", "--local", "--out", str(whole), *args]) == 0
     half = [a for a in args if not a.startswith("distill.iterations")]
     assert main(["distill", "--local", "--out", str(part), "--experts", str(whole), *half,
@@ -198,8 +200,12 @@ def test_a_resumed_teacher_label_run_ends_as_the_uninterrupted_one(tmp_path):
     assert main(["distill", "--local", "--out", str(part), "--experts", str(whole),
                  "--resume", *args]) == 0
     load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")  # noqa
-    a, b = load(whole), load(part)
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    return load(whole), load(part), whole
+
+
+def test_a_resumed_teacher_label_run_ends_as_the_uninterrupted_one(tmp_path):
+    a, b, _ = resumed_and_whole(tmp_path, "distill.labels=teacher")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.soft
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,17 +403,9 @@ def test_learned_labels_start_from_the_experts_that_get_each_image_right():
 
 
 def test_a_resumed_learned_label_run_ends_as_the_uninterrupted_one(tmp_path):
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    args = [*TINY, "distill.labels=learned", "distill.init_filter=correct",
-            "distill.start_window=[0,1,3]"]
-    assert main(["run", "--local", "--out", str(whole), *args]) == 0
-    half = [a for a in args if not a.startswith("distill.iterations")]
-    assert main(["distill", "--local", "--out", str(part), "--experts", str(whole), *half,
-                 "distill.iterations=2"]) == 0
-    assert main(["distill", "--local", "--out", str(part), "--experts", str(whole),
-                 "--resume", *args]) == 0
-    load = lambda p: formats.load_synthetic((p / "last.safetensors").read_bytes(), "s")  # noqa
-    a, b = load(whole), load(part)
+    a, b, whole = resumed_and_whole(tmp_path, "distill.labels=learned",
+                                    "distill.init_filter=correct",
+                                    "distill.start_window=[0,1,3]")
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.soft
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["labels"] == "learned" and summary["hard_label_acc_mean"] is not None
