@@ -481,3 +481,13 @@ def test_a_command_never_joins_a_ray_started_with_ray_start(tmp_path):
         shutil.rmtree(short, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "started a local Ray for this job (2.0 CPUs)" in proc.stderr
+
+
+def test_a_soft_label_set_round_trips_through_the_object_store_codec():
+    from mct_ray.runtime.codec import synthetic_from_numpy, synthetic_to_numpy
+    from tests.test_soft_labels import soft_set
+
+    syn = soft_set()
+    again = synthetic_from_numpy(synthetic_to_numpy(syn))
+    assert again.soft and torch.equal(again.labels, syn.labels)
+    assert torch.equal(again.classes, syn.classes) and again.info == syn.info
