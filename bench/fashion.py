@@ -284,7 +284,8 @@ def mct_minus_mtt(rows: list[dict], ipc: int, variant: str) -> tuple[float, floa
     return statistics.fmean(diffs), (statistics.pstdev(diffs) if len(diffs) > 1 else 0.0)
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
+def plot(rows: list[dict], path: pathlib.Path, labels: list[str] | None = None) -> None:
+    """Accuracy against iteration, a panel per ipc, a curve per variant (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +294,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ipcs = sorted({r["ipc"] for r in rows})
     fig, axes = plt.subplots(1, len(ipcs), figsize=(6 * len(ipcs), 4), squeeze=False)
     for ax, ipc in zip(axes[0], ipcs):
-        for label, *_ in SHORT.values():
+        for label in labels or [v[0] for v in SHORT.values()]:
             curves = {}
             for r in rows:
                 if r["ipc"] == ipc and r["variant"] == label:

@@ -11,7 +11,7 @@ score.
     python -m bench.soft_labels --ipc 10           # one part
     python -m bench.soft_labels --protocol tiny    # seconds (the tests)
 
-Writes bench/results/soft_labels_<protocol>.parquet (a row per evaluation) and
+Writes bench/results/soft_labels_<protocol>.parquet (a row per evaluation), .png and
 _summary.parquet; last line fashion_soft_minus_hard_ipc10=<points: per seed, the better
 of teacher and learned minus hard, best accuracy, mean over seeds>.
 """
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     save_table(name, rows, out)
     table = summarise(rows)
     save_table(f"{name}_summary", table, out)
+    fashion.plot(rows, out / f"{name}.png", [v[0] for v in variants])
     print_table(table)
     print(f"wall time {time.perf_counter() - started:.0f} s")
     ipcs = sorted({r["ipc"] for r in rows})

@@ -233,6 +233,7 @@ def test_bench_soft_labels_tiny_protocol_runs(tmp_path, capsys):
     assert {r["variant"] for r in rows} == {v[0] for v in soft_labels.VARIANTS}
     assert {r["seed"] for r in rows} == {0, 1}
     assert all(0 <= r["hard_of_best"] <= 1 for r in rows)
+    assert (tmp_path / "out" / "soft_labels_tiny.png").stat().st_size > 0
     summary = pq.read_table(tmp_path / "out" / "soft_labels_tiny_summary.parquet").to_pylist()
     assert len(summary) == len(soft_labels.VARIANTS)
     last = capsys.readouterr().out.strip().splitlines()[-1]
