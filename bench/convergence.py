@@ -39,9 +39,10 @@ def cell(args: tuple) -> list[dict]:
     import torch
 
     from mct_ray.config import load_config
+    from mct_ray.context import Context
     from mct_ray.loop import run_distillation
-    from mct_ray.pipeline import (Context, LocalBackend, iterations_to_within, load_experts,
-                                  make_distiller, second_half_spread, train_missing_experts)
+    from mct_ray.pipeline import (LocalBackend, iterations_to_within, load_experts, make_distiller,
+                                  second_half_spread, train_missing_experts)
     from mct_ray.storage import Storage
 
     torch.set_num_threads(1)

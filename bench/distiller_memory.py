@@ -23,8 +23,9 @@ import ray
 
 from bench.common import print_table, save_table
 from bench.ray_common import bar_png, digits, median, start_ray, train_experts
+from mct_ray.context import Context
 from mct_ray.loop import run_distillation
-from mct_ray.pipeline import Context, make_distiller
+from mct_ray.pipeline import make_distiller
 from mct_ray.runtime import workers
 from mct_ray.runtime.codec import data_from_numpy, trajectory_from_numpy
 

@@ -42,12 +42,13 @@ from mct_ray import zoo  # noqa: E402
 from mct_ray.augment import Augmenter  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
 from mct_ray.data import ImageData, load_data  # noqa: E402
-from mct_ray.distill import Distiller, SyntheticSet, init_synthetic  # noqa: E402
+from mct_ray.distill import Distiller  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.experts import train_expert  # noqa: E402
 from mct_ray.nets import make_spec  # noqa: E402
 from mct_ray.pipeline import iterations_to_within, second_half_spread  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
+from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
 
 # (label, distill.method, distill.grad_mode or None for the recipe's own, overrides...).
 # The MCT preset for Fashion-MNIST takes the exact gradient of the matching loss (it

@@ -26,10 +26,10 @@ import torch  # noqa: E402
 from bench.common import print_table, save_table  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
 from mct_ray.data import load_data  # noqa: E402
-from mct_ray.distill import SyntheticSet, init_synthetic  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.nets import make_spec  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
+from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
 
 
 def old_pipeline(data):

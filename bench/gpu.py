@@ -115,7 +115,8 @@ def packing(out: pathlib.Path, dry: bool) -> None:
     import ray
 
     from mct_ray.config import load_config
-    from mct_ray.pipeline import Context, train_missing_experts
+    from mct_ray.context import Context
+    from mct_ray.pipeline import train_missing_experts
     from mct_ray.runtime.backend import RayBackend
     from mct_ray.storage import Storage
 

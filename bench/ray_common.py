@@ -14,7 +14,8 @@ import ray  # noqa: E402
 
 from bench.common import RESULTS  # noqa: E402
 from mct_ray.config import Config, load_config  # noqa: E402
-from mct_ray.pipeline import Context, train_missing_experts  # noqa: E402
+from mct_ray.context import Context  # noqa: E402
+from mct_ray.pipeline import train_missing_experts  # noqa: E402
 from mct_ray.runtime.backend import RayBackend  # noqa: E402
 from mct_ray.storage import Storage  # noqa: E402
 

@@ -31,9 +31,9 @@ import torch  # noqa: E402
 from bench import fashion  # noqa: E402
 from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
-from mct_ray.distill import SyntheticSet, init_synthetic  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
+from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
 
 # (label, overrides); the window grows from the first start epoch to the protocol's max
 # over half the iterations (DATM grows it over a fifth to a third of theirs).

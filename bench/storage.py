@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray import formats  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
-from mct_ray.pipeline import Context  # noqa: E402
+from mct_ray.context import Context  # noqa: E402
 
 SHAPES = {  # name: (recipe, classes, resolution)
     "cifar10": ("cifar10-ipc10", 10, 32),

@@ -19,6 +19,7 @@ import uuid
 from mct_ray import pipeline, plan, preflight, runfolder
 from mct_ray import storage as layout
 from mct_ray.config import Config, load_config
+from mct_ray.context import Context
 from mct_ray.errors import ConfigError, MctRayError
 from mct_ray.progress import configure_logging
 from mct_ray.runfolder import RunLock
@@ -83,7 +84,7 @@ COMMAND_PHASES = {"run": ("experts", "distill"), "experts": ("experts",),
 
 
 @contextlib.contextmanager
-def _backend(ctx: pipeline.Context, local: bool, phases: tuple[str, ...] = ()):
+def _backend(ctx: Context, local: bool, phases: tuple[str, ...] = ()):
     """This process, or Ray: the cluster of RAY_ADDRESS or one started for this command
     (shut down after it), checked to have room for the phases' work. A project error
     raised on a worker comes back as itself."""
@@ -126,7 +127,7 @@ def run_command(args: argparse.Namespace) -> dict:
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     RunLock.check_free(store)
     runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
-    ctx = pipeline.Context.build(cfg)
+    ctx = Context.build(cfg)
     preflight.check(ctx, phases, experts)
     with _backend(ctx, args.local, phases) as backend:
         lock = RunLock.acquire(store, args.command)  # the first write to the output location

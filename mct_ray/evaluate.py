@@ -17,11 +17,11 @@ import torch
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, Config
 from mct_ray.data import ImageData
-from mct_ray.distill import SyntheticSet, init_synthetic
-from mct_ray.experts import accuracy, train_epoch
 from mct_ray.nets import NetSpec
 from mct_ray.progress import Progress
 from mct_ray.rng import derive_seed, generator
+from mct_ray.synthetic import SyntheticSet, init_synthetic
+from mct_ray.training import accuracy, train_epoch
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mct_ray.augment import Augmenter
 from mct_ray.config import ExpertConfig
@@ -20,7 +19,13 @@ from mct_ray.data import ImageData
 from mct_ray.nets import NetSpec
 from mct_ray.progress import Progress
 from mct_ray.rng import derive_seed, generator
-from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, beta_from_step_norms, flatten
+from mct_ray.training import accuracy, train_epoch
+from mct_ray.trajectory import (
+    ConvexTrajectory,
+    FullTrajectory,
+    beta_from_step_norms,
+    flatten,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,36 +41,6 @@ class ExpertResult:
 
 def init_seed(seed: int, expert_id: int) -> int:
     return derive_seed(seed, "expert-init", expert_id)
-
-
-@torch.no_grad()
-def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
-    net.eval()
-    device = next(net.parameters()).device
-    correct = sum(int((net(x[i:i + batch].to(device)).argmax(1) == y[i:i + batch].to(device))
-                      .sum()) for i in range(0, len(x), batch))
-    net.train()
-    return correct / len(x)
-
-
-def train_epoch(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                batch: int, aug: Augmenter, gen: torch.Generator,
-                progress: Progress | None = None) -> float:
-    """One pass over (x, y) in shuffled minibatches; returns the mean loss. `progress`
-    counts the images."""
-    device = next(net.parameters()).device
-    order = torch.randperm(len(x), generator=gen)
-    total = 0.0
-    for idx in order.split(batch):
-        xb = aug(x[idx], gen).to(device)
-        loss = F.cross_entropy(net(xb), y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach()) * len(idx)
-        if progress is not None:
-            progress.update(len(idx))
-    return total / len(x)
 
 
 def smoothing_epochs(cfg: ExpertConfig) -> tuple[int, ...]:

@@ -19,9 +19,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from mct_ray import zoo
-from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
 from mct_ray.nets import NetSpec
+from mct_ray.synthetic import SyntheticSet
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, Trajectory, flatten
 
 VERSION = 1

@@ -19,10 +19,12 @@ from typing import Callable, Protocol
 
 from mct_ray import formats, progress
 from mct_ray import storage as layout
-from mct_ray.distill import Distiller, SyntheticSet
+from mct_ray.context import Context
+from mct_ray.distill import Distiller
 from mct_ray.evaluate import EvalResult
 from mct_ray.progress import Progress, duration
 from mct_ray.storage import Storage
+from mct_ray.synthetic import SyntheticSet
 from mct_ray.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ def eval_iterations(every: int, iterations: int) -> list[int]:
     return its if its[-1] == iterations else its + [iterations]
 
 
-def save_synthetic(store: Storage, name: str, ctx, syn: SyntheticSet) -> None:
+def save_synthetic(store: Storage, name: str, ctx: Context, syn: SyntheticSet) -> None:
     info = {**syn.info, "data": ctx.data.name, "mean": ctx.data.mean, "std": ctx.data.std,
             "zca": ctx.cfg.data.zca, "method": ctx.cfg.distill.method,
             "labels": ctx.cfg.distill.labels if syn.soft else "hard"}
@@ -145,7 +147,7 @@ def save_synthetic(store: Storage, name: str, ctx, syn: SyntheticSet) -> None:
         syn.images, syn.labels, syn.step_size, info, syn.classes), ctx.spec))
 
 
-def record_eval(store: Storage, ctx, outcome: DistillOutcome, p: PendingEval,
+def record_eval(store: Storage, ctx: Context, outcome: DistillOutcome, p: PendingEval,
                 model: str | None, result: EvalResult, tb: TensorBoardLog | None = None
                 ) -> None:
     """Append a metrics row; for the distillation network's (model None), keep
@@ -187,7 +189,7 @@ def metrics_rows(outcome: DistillOutcome, others: tuple[str, ...]) -> list[dict]
                   key=lambda r: (r["iteration"], order.get(r["model"], -1)))
 
 
-def save_checkpoint(store: Storage, ctx, distiller: Distiller, outcome: DistillOutcome,
+def save_checkpoint(store: Storage, ctx: Context, distiller: Distiller, outcome: DistillOutcome,
                     pending: list[PendingEval], run_id: str, started: float) -> None:
     save_synthetic(store, layout.LAST, ctx, distiller.snapshot())
     state = {"distiller": distiller.state_dict(), "rows": outcome.rows,
@@ -229,7 +231,7 @@ def load_checkpoint(store: Storage, distiller: Distiller
     return outcome, pending
 
 
-def run_distillation(ctx, store: Storage, distiller: Distiller, submit: Submit,
+def run_distillation(ctx: Context, store: Storage, distiller: Distiller, submit: Submit,
                      resume: bool, run_id: str, started: float) -> DistillOutcome:
     """Distil to distill.iterations, evaluating at `eval_iterations`; with `resume`, from
     the folder's checkpoint when there is one. `started`: time.time() at the command's start.

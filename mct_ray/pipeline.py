@@ -15,73 +15,33 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
 
 from mct_ray import formats, report, starting
 from mct_ray import storage as layout
-from mct_ray.augment import Augmenter
-from mct_ray.config import Config
-from mct_ray.data import ImageData, load_data
-from mct_ray.distill import Distiller, SyntheticSet
+from mct_ray.context import Context
+from mct_ray.distill import Distiller
 from mct_ray.errors import DataError
 from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
-from mct_ray.loop import DistillOutcome, EvalFuture, Finished, parts_with, run_distillation
-from mct_ray.nets import NetSpec, make_spec, resolve_kernels
+from mct_ray.loop import (
+    DistillOutcome,
+    EvalFuture,
+    Finished,
+    parts_with,
+    run_distillation,
+)
+from mct_ray.nets import NetSpec
 from mct_ray.progress import Progress
 from mct_ray.storage import Storage
+from mct_ray.synthetic import SyntheticSet
 from mct_ray.trajectory import FullTrajectory, Trajectory
 
 log = logging.getLogger(__name__)
 
 PHASES = ("experts", "distill")
-
-
-@dataclass
-class Context:
-    """What every phase needs, built once from the config."""
-
-    cfg: Config
-    data: ImageData
-    spec: NetSpec
-    aug: Augmenter
-    device: str
-    kernels: str  # the ConvNet's ops: fast, builtin or generic (run.kernels on this device)
-
-    @classmethod
-    def build(cls, cfg: Config) -> "Context":
-        return cls.from_data(cfg, load_data(cfg.data))
-
-    @classmethod
-    def from_data(cls, cfg: Config, data: ImageData, num_cpus: float = 0) -> "Context":
-        """`num_cpus`: what a Ray worker was given, its thread count unless the config sets
-        one (the same count gives the same floating-point result on every path)."""
-        device = setup_torch(cfg, num_cpus)
-        spec = make_spec(cfg.net, data.shape, data.num_classes)
-        if device != "cpu" and cfg.run.data_on_device and \
-                2 * data.nbytes < torch.cuda.mem_get_info(torch.device(device))[0]:
-            data = data.to(device)  # minibatches drawn and augmented there, no host copies
-        return cls(cfg, data, spec, Augmenter(cfg.augment), device,
-                   resolve_kernels(cfg.run.kernels, device))
-
-
-def setup_torch(cfg: Config, num_cpus: float = 0) -> str:
-    """Set torch's thread count and return the device to use."""
-    threads = cfg.run.num_threads or int(num_cpus)
-    if threads:
-        torch.set_num_threads(threads)
-    device = cfg.run.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise DataError("run.device=cuda but no CUDA device is visible")
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.run.tf32
-    return device
 
 
 class Backend(Protocol):

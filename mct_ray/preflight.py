@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from mct_ray import storage as layout
 from mct_ray import starting, zoo
+from mct_ray import storage as layout
 from mct_ray.config import check_expert_epochs
+from mct_ray.context import Context
 from mct_ray.errors import ConfigError, DataError
-from mct_ray.pipeline import Context, load_expert, missing_experts_message
+from mct_ray.pipeline import load_expert, missing_experts_message
 from mct_ray.storage import Storage
 
 

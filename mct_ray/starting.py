@@ -17,11 +17,11 @@ import json
 import torch
 
 from mct_ray import storage as layout
-from mct_ray.distill import draw_correct_indices, draw_init_indices
-from mct_ray.trajectory import unflatten
 from mct_ray.errors import ConfigError, FormatError
 from mct_ray.rng import generator
 from mct_ray.storage import Storage, parent_and_name
+from mct_ray.synthetic import draw_correct_indices, draw_init_indices
+from mct_ray.trajectory import unflatten
 
 FORMAT = 1
 

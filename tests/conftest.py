@@ -44,7 +44,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_ctx(tiny_cfg):
-    from mct_ray.pipeline import Context
+    from mct_ray.context import Context
 
     return Context.build(tiny_cfg)
 

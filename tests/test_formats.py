@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mct_ray import formats
-from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
+from mct_ray.synthetic import SyntheticSet
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory
 
 pytestmark = pytest.mark.core

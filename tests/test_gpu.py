@@ -72,8 +72,8 @@ def test_dsa_on_the_device_equals_the_cpu():
 
 def test_data_lives_on_the_device_and_experts_train_there():
     from mct_ray.config import load_config
+    from mct_ray.context import Context
     from mct_ray.experts import train_expert
-    from mct_ray.pipeline import Context
 
     cfg = load_config("digits", ["expert.epochs=2", "net.width=16", "run.device=cuda"])
     ctx = Context.build(cfg)

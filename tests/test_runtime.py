@@ -276,7 +276,7 @@ def test_work_waiting_to_start_is_logged_with_what_it_needs(ray_cluster, local_r
     """Every CPU of the cluster is held: an evaluation and an expert wait to start, and
     each interval of ray.start_wait_s says so, naming what they need; once room is made,
     both run."""
-    from mct_ray.pipeline import Context
+    from mct_ray.context import Context
     from mct_ray.runtime.backend import RayBackend
 
     cfg = load_config("digits", [*TINY, "ray.start_wait_s=0.5"])
@@ -342,12 +342,13 @@ def test_evaluation_fan_out_never_pauses_the_loop(ray_cluster, local_run, tmp_pa
     """The loop runs here (the way an actor or a grid trial runs it) and submits its
     evaluations through the Ray backend's fan-out, two CPUs each (one per node): no step
     waits for them. On this 2-core machine they time-share the cores with the loop."""
-    from mct_ray.distill import SyntheticSet
+    from mct_ray.context import Context
     from mct_ray.loop import run_distillation
-    from mct_ray.pipeline import Context, load_experts, make_distiller
+    from mct_ray.pipeline import load_experts, make_distiller
     from mct_ray.runtime.codec import data_to_numpy
     from mct_ray.runtime.workers import RayEvals
     from mct_ray.storage import Storage
+    from mct_ray.synthetic import SyntheticSet
 
     cfg = load_config("digits", [*TINY, "expert.num_experts=4", "distill.iterations=60",
                                  "distill.syn_steps=5", "eval.every=20", "eval.epochs=600",
@@ -432,6 +433,24 @@ def test_cross_architecture_eval_on_ray_equals_local(ray_cluster, local_run, tmp
     local = run_json(capsys, "eval", "--local", "--out", str(tmp_path), *args)
     assert on_ray["models"] == local["models"] and sorted(local["models"]) == ["convnet-nn",
                                                                                "mlp"]
+
+
+@pytest.mark.slow
+def test_learned_labels_on_ray_equal_the_local_run(ray_cluster, local_run, tmp_path, capsys):
+    """The Ray path carries soft labels everywhere: the distiller actor learns them, the
+    evaluation tasks (ConvNet and another architecture) train on them, and the best images
+    are scored with hard labels too: all as in one process."""
+    args = ["--experts", str(local_run), *TINY, "expert.num_experts=4", "eval.models=[mlp]",
+            "distill.labels=learned"]
+    on_ray = run_json(capsys, "distill", "--out", str(tmp_path / "ray"), *args)
+    local = run_json(capsys, "distill", "--local", "--out", str(tmp_path / "local"), *args)
+    a, b = synthetic(tmp_path / "ray"), synthetic(tmp_path / "local")
+    assert a.soft and a.info["labels"] == "learned"
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    for key in ("labels", "best_acc_mean", "hard_label_acc_mean", "models"):
+        assert on_ray[key] == local[key], key
+    assert [(r["iteration"], r["model"], r["acc_mean"]) for r in formats_rows(tmp_path / "ray")] \
+        == [(r["iteration"], r["model"], r["acc_mean"]) for r in formats_rows(tmp_path / "local")]
 
 
 def test_without_ray_address_a_command_starts_its_own_ray_and_joins_no_other(ray_cluster,

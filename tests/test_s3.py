@@ -15,15 +15,15 @@ import sys
 import time
 import urllib.request
 
-import pytest
 import pyarrow.fs as pafs
+import pytest
 import torch
 
 from mct_ray import formats, storage
-from mct_ray.distill import SyntheticSet
 from mct_ray.errors import DataError, StorageError
 from mct_ray.nets import NetSpec
 from mct_ray.storage import Storage, parent_and_name
+from mct_ray.synthetic import SyntheticSet
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory
 
 pytestmark = pytest.mark.system

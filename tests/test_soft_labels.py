@@ -22,11 +22,13 @@ from mct_ray import formats
 from mct_ray.augment import Augmenter
 from mct_ray.cli import main
 from mct_ray.config import AugmentConfig, ExpertConfig, load_config
-from mct_ray.distill import Distiller, SyntheticSet, plan_unroll
+from mct_ray.distill import Distiller, plan_unroll
 from mct_ray.errors import FormatError
 from mct_ray.evaluate import evaluate
-from mct_ray.experts import anchor_points, smoothing_epochs, train_epoch
+from mct_ray.experts import anchor_points, smoothing_epochs
 from mct_ray.rng import generator
+from mct_ray.synthetic import SyntheticSet
+from mct_ray.training import train_epoch
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten, unflatten
 from tests.conftest import TINY
 from tests.test_authors_mct import SPEC, authors_compress, authors_point, random_checkpoints
@@ -177,7 +179,7 @@ def test_a_teacher_label_run_scores_hard_labels_beside_and_eval_reads_its_labels
     assert main(["eval", "--local", "--out", str(tmp_path / "e"), "--synthetic",
                  str(out / "last.safetensors"), *TINY]) == 0
     scored = json.loads((tmp_path / "e" / "eval.json").read_text())
-    from mct_ray.pipeline import Context
+    from mct_ray.context import Context
 
     ctx = Context.build(load_config("digits", [*TINY, "distill.labels=teacher"]))
     assert scored["accs"] == list(evaluate(ctx.cfg, ctx.spec, ctx.data, last, "final").accs)
@@ -296,7 +298,7 @@ def test_the_correct_filter_keeps_the_first_images_the_first_expert_gets_right(t
 
 
 def test_the_filter_goes_on_with_the_next_expert_then_the_next_images():
-    from mct_ray.distill import draw_correct_indices
+    from mct_ray.synthetic import draw_correct_indices
 
     y = torch.tensor([0] * 6 + [1] * 6)
     first = lambda i: torch.where(i % 2 == 0, y[i], 1 - y[i])  # noqa: E731  right on evens

@@ -10,8 +10,8 @@ import torch
 
 from mct_ray import formats
 from mct_ray.cli import main
-from mct_ray.distill import init_synthetic
 from mct_ray.rng import generator
+from mct_ray.synthetic import init_synthetic
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.core

@@ -15,16 +15,17 @@ from typing import Iterator
 import ray
 
 from mct_ray import storage as layout
-from mct_ray.distill import SyntheticSet
+from mct_ray.context import Context
 from mct_ray.errors import MctRayError
 from mct_ray.experts import ExpertResult
 from mct_ray.loop import DistillOutcome
-from mct_ray.pipeline import Context, LocalBackend, load_expert
+from mct_ray.pipeline import LocalBackend, load_expert
 from mct_ray.runtime import waits, workers
 from mct_ray.runtime.cluster import ClusterError
 from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
 from mct_ray.runtime.workers import RayEvals
 from mct_ray.storage import Storage
+from mct_ray.synthetic import SyntheticSet
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from mct_ray.data import ImageData
-from mct_ray.distill import SyntheticSet
 from mct_ray.errors import FormatError
 from mct_ray.experts import ExpertResult
 from mct_ray.nets import NetSpec
+from mct_ray.synthetic import SyntheticSet
 from mct_ray.trajectory import ConvexTrajectory, FullTrajectory, Trajectory
 
 

@@ -29,6 +29,7 @@ from ray import tune
 
 from mct_ray import pipeline, preflight
 from mct_ray import storage as layout
+from mct_ray.context import Context
 from mct_ray.errors import ConfigError, MctRayError
 from mct_ray.grid import Grid, build_grid, describe_difference, grid_factories, \
     grid_from_dict, grid_png, summary_table
@@ -76,7 +77,7 @@ def run_cell(config: dict, shared: dict) -> None:
         return
     cfg, started = cell["cfg"], time.time()
     refs = shared["groups"][cell["group"]]
-    ctx = pipeline.Context.from_data(cfg, data_from_numpy(ray.get(refs["data"])),
+    ctx = Context.from_data(cfg, data_from_numpy(ray.get(refs["data"])),
                                      cfg.ray.distill_num_cpus)
     store.write_json(layout.CONFIG, cfg.to_dict())
     backend = RayBackend(ctx, refs["data"], refs[cfg.distill.method], loop_here=True)
@@ -181,10 +182,10 @@ def _check_fits(grid: Grid, own_ray: bool) -> None:
             return
 
 
-def _preflight(grid: Grid) -> dict[str, pipeline.Context]:
+def _preflight(grid: Grid) -> dict[str, Context]:
     """Every cell checked against its data set before any work (the data loaded once per
     expert group); the bad cells, all of them, refuse the grid. The groups' contexts."""
-    contexts = {g.name: pipeline.Context.build(g.cfg) for g in grid.groups}
+    contexts = {g.name: Context.build(g.cfg) for g in grid.groups}
     bad = []
     for cell in grid.cells:
         try:

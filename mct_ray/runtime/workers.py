@@ -12,17 +12,18 @@ from dataclasses import dataclass
 import ray
 
 from mct_ray.config import Config
-from mct_ray.distill import SyntheticSet
+from mct_ray.context import Context
 from mct_ray.evaluate import EvalResult, eval_seed, train_and_test
 from mct_ray.experts import train_expert
 from mct_ray.loop import checkpoint_run_id, run_distillation
-from mct_ray.pipeline import Context, LocalBackend, make_distiller
+from mct_ray.pipeline import LocalBackend, make_distiller
 from mct_ray.progress import configure_logging
 from mct_ray.runtime import waits
-from mct_ray.runtime.waits import Launched, Waiting, announced
 from mct_ray.runtime.codec import (data_from_numpy, expert_to_numpy, synthetic_from_numpy,
                                    synthetic_to_numpy, trajectory_from_numpy)
+from mct_ray.runtime.waits import Launched, Waiting, announced
 from mct_ray.storage import Storage
+from mct_ray.synthetic import SyntheticSet
 
 log = logging.getLogger(__name__)
 
