@@ -15,12 +15,26 @@ import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Callable, get_args, get_origin, get_type_hints
 
 import yaml
 
 from mct_ray import zoo
 from mct_ray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a distillation method reads and how it draws its start epochs: the one place
+    the config, the grid and the distillation learn it."""
+
+    name: str
+    reads_full: bool  # full trajectories (every epoch kept) rather than convex ones
+    continuous: bool  # start epochs drawn continuously; otherwise whole stored epochs
+
+
+METHODS = {"mct": Method("mct", reads_full=False, continuous=True),
+           "mtt": Method("mtt", reads_full=True, continuous=False)}
 
 
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -96,7 +110,7 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    method: str = _f("mct", choices=("mct", "mtt"))
+    method: str = _f("mct", choices=tuple(METHODS))
     ipc: int = _f(1, lo=1, hi=100_000)
     iterations: int = _f(5000, lo=0, hi=10_000_000)
     syn_steps: int = _f(50, lo=1, hi=10_000, doc="N")
@@ -215,7 +229,7 @@ class Config:
     @property
     def needs_full(self) -> bool:
         """Whether the distillation reads full (MTT) trajectories rather than convex ones."""
-        return self.distill.method == "mtt"
+        return METHODS[self.distill.method].reads_full
 
     @property
     def other_models(self) -> tuple[str, ...]:
@@ -263,6 +277,18 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
         full = f"{prefix}{key}"
         out.update(flatten(v, full + ".") if isinstance(v, dict) else {full: v})
     return out
+
+
+def first_difference(a: dict, b: dict, skip: Callable[[str], bool] = lambda key: False
+                     ) -> tuple[str, Any, Any] | None:
+    """The first dotted key, in sorted order, whose value differs between two configs given
+    as dicts (both read as JSON would store them: tuples as lists), leaving out the keys
+    `skip` accepts: (key, its value in a, in b), or None when they agree."""
+    fa, fb = (flatten(json.loads(json.dumps(d))) for d in (a, b))
+    for key in sorted(fa.keys() | fb.keys()):
+        if not skip(key) and fa.get(key) != fb.get(key):
+            return key, fa.get(key), fb.get(key)
+    return None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -349,7 +375,7 @@ def _check_cross(cfg: Config) -> None:
     zoo.check_name(cfg.net.name, "net.name")
     for name in cfg.eval.models:
         zoo.check_name(name, "eval.models")
-    if d.method == "mtt":
+    if not METHODS[d.method].continuous:
         for key, v in (("distill.max_start_epoch", d.max_start_epoch),
                        ("distill.expert_epochs", d.expert_epochs)):
             if v != int(v):
@@ -381,7 +407,8 @@ def _check_cross(cfg: Config) -> None:
 def check_start_window(d: DistillConfig) -> None:
     w = d.start_window
     if len(w) != 3 or not 0 <= w[0] < w[1] <= d.max_start_epoch or w[2] < 1 \
-            or w[2] != int(w[2]) or (d.method == "mtt" and any(v != int(v) for v in w)):
+            or w[2] != int(w[2]) or \
+            (not METHODS[d.method].continuous and any(v != int(v) for v in w)):
         raise ConfigError("config key 'distill.start_window' must be [min, initial max, "
                           "iterations] with 0 <= min < initial max <= distill.max_start_epoch "
                           f"({d.max_start_epoch:g}) and iterations a whole number >= 1 (whole "
@@ -406,7 +433,7 @@ def check_expert_epochs(d: DistillConfig, epochs: int, where: str) -> None:
     if d.max_start_epoch >= epochs:
         raise ConfigError(f"config key 'distill.max_start_epoch' ({d.max_start_epoch:g}) must "
                           f"be below the experts' epochs ({epochs}, {where})")
-    if d.method == "mtt" and d.max_start_epoch - 1 + d.expert_epochs > epochs:
+    if not METHODS[d.method].continuous and d.max_start_epoch - 1 + d.expert_epochs > epochs:
         raise ConfigError("config keys 'distill.max_start_epoch' - 1 + 'distill.expert_epochs' "
                           f"({d.max_start_epoch - 1 + d.expert_epochs:g}) must not exceed the "
                           f"experts' epochs ({epochs}, {where}) for method mtt")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mct_ray.augment import Augmenter, AugPlan
-from mct_ray.config import DistillConfig, start_bounds
+from mct_ray.config import METHODS, DistillConfig, start_bounds
 from mct_ray.errors import DivergenceError, FormatError
 from mct_ray.nets import NetSpec
 from mct_ray.rng import generator
@@ -72,7 +72,7 @@ def sample_segment(trajectories: list[Trajectory], cfg: DistillConfig, gen: torc
     k = int(torch.randint(len(trajectories), (1,), generator=gen))
     traj = trajectories[k]
     low, high = start_bounds(cfg, iteration)
-    if cfg.method == "mct":  # continuous: c ~ U[low, high), as np.random.uniform
+    if METHODS[cfg.method].continuous:  # MCT: c ~ U[low, high), as np.random.uniform
         c = low + float(torch.rand((), generator=gen, dtype=torch.float64)) * (high - low)
     else:  # MTT: a whole epoch in low .. high - 1, as np.random.randint in MTT's code
         c = low + float(torch.randint(int(high - low), (1,), generator=gen))

@@ -44,10 +44,10 @@ from typing import Any
 import yaml
 
 from mct_ray import zoo
-from mct_ray.config import Config, flatten, is_config_file, load_config, parse_overrides
+from mct_ray.config import (METHODS, Config, first_difference, flatten, is_config_file,
+                            load_config, parse_overrides)
 from mct_ray.errors import ConfigError, FormatError
 
-METHODS = ("mct", "mtt")
 CELL_KEYS = ("seed", "distill.ipc", "distill.method", "run.out", "recipe")
 EXPERT_SECTIONS = ("data", "net", "augment", "expert")
 SPEC_KEYS = {"datasets", "methods", "seeds", "method_overrides", "overrides", "expert_seed",
@@ -231,7 +231,7 @@ def _cell_config(spec: dict, ds: str, ipc: int, method: str, seed: int,
               **spec["method_overrides"].get(method, {}),
               **entry["method_overrides"].get(method, {}), **cli,
               "seed": seed, "distill.ipc": ipc, "distill.method": method}
-    if "mtt" in spec["methods"]:  # the shared experts keep every epoch for MTT
+    if any(METHODS[m].reads_full for m in spec["methods"]):  # shared experts keep every epoch
         values["expert.keep_full"] = True
     if method != spec["methods"][0]:  # one Random baseline per ipc and seed is enough
         values["eval.baseline"] = False
@@ -278,7 +278,7 @@ def build_grid(name: str, overrides: list[str] | None = None, text: str | None =
     for (ds, key), group in members.items():
         name_ = names[(ds, key)]
         methods = tuple(m for m in METHODS if any(c.method == m for c in group))
-        source = next((c for c in group if c.method == "mtt"), group[0]).cfg
+        source = next((c for c in group if c.cfg.needs_full), group[0]).cfg
         groups.append(ExpertGroup(name_, source.replace(seed=spec["expert_seed"]), methods))
         group_of.update({c.id: name_ for c in group})
     if len({g.name for g in groups}) != len(groups):
@@ -324,10 +324,9 @@ def describe_difference(a: Grid, b: Grid) -> str | None:
     if a.eval_workers != b.eval_workers:
         return f"eval_workers {a.eval_workers} != {b.eval_workers}"
     for cid, cell in ca.items():
-        fa, fb = flatten(cell.cfg.to_dict()), flatten(cb[cid].cfg.to_dict())
-        keys = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
-        if keys:
-            return f"cell {cid}: {keys[0]} = {fa.get(keys[0])!r} != {fb.get(keys[0])!r}"
+        diff = first_difference(cell.cfg.to_dict(), cb[cid].cfg.to_dict())
+        if diff:
+            return f"cell {cid}: {diff[0]} = {diff[1]!r} != {diff[2]!r}"
     return None
 
 

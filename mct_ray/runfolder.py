@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from mct_ray import storage as layout
-from mct_ray.config import Config, flatten
+from mct_ray.config import Config, first_difference
 from mct_ray.errors import ConfigError, FormatError, MctRayError, StorageError
 from mct_ray.storage import Storage
 
@@ -116,14 +116,11 @@ class RunLock:
 
 
 def _first_difference(stored: dict, given: dict, keys: tuple[str, ...] | None) -> str | None:
-    a, b = flatten(stored), flatten(json.loads(json.dumps(given)))
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUME_FREE) or (keys and (not key.startswith(keys)
-                                                     or key.startswith(EXPERT_FREE))):
-            continue
-        if a.get(key) != b.get(key):
-            return f"{key} = {a.get(key)!r} there, {b.get(key)!r} now"
-    return None
+    """What differs where it matters: everything but RESUME_FREE, or only `keys` (less
+    EXPERT_FREE) when they are given."""
+    diff = first_difference(stored, given, lambda key: key.startswith(RESUME_FREE) or bool(
+        keys and (not key.startswith(keys) or key.startswith(EXPERT_FREE))))
+    return diff and f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now"
 
 
 def check(store: Storage, cfg: Config, phases: tuple[str, ...], resume: bool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -109,3 +110,24 @@ def test_mtt_needs_whole_epochs():
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown recipe 'cifar11'.*digits"):
         load_config("cifar11")
+
+
+def test_first_difference_reads_both_configs_as_json_would_store_them():
+    from mct_ray.config import first_difference
+
+    a = load_config("digits").to_dict()
+    stored = json.loads(json.dumps(a))  # tuples come back as lists: no difference
+    assert first_difference(stored, a) is None
+    b = load_config("digits", ["distill.ipc=3", "run.out=elsewhere"]).to_dict()
+    assert first_difference(a, b) == ("distill.ipc", 1, 3)
+    assert first_difference(a, b, lambda key: key == "distill.ipc") == ("run.out", "", "elsewhere")
+    assert first_difference(a, b, lambda key: key in ("distill.ipc", "run.out")) is None
+
+
+def test_the_method_table_decides_what_each_method_reads_and_draws():
+    from mct_ray.config import METHODS
+
+    assert load_config("digits", ["distill.method=mtt"]).needs_full
+    assert not load_config("digits", ["distill.method=mct"]).needs_full
+    assert [(m.reads_full, m.continuous) for m in METHODS.values()] == [(False, True),
+                                                                       (True, False)]

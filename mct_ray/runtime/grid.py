@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from ray import tune
 
 from mct_ray import pipeline, preflight
 from mct_ray import storage as layout
+from mct_ray.config import METHODS, first_difference
 from mct_ray.context import Context
 from mct_ray.errors import ConfigError, MctRayError
 from mct_ray.grid import Grid, build_grid, describe_difference, grid_factories, \
@@ -206,16 +206,20 @@ def _prepare_experts(grid: Grid, store: Storage, contexts: dict) -> dict:
         cfg = group.cfg
         gstore = store.child(layout.expert_group(group.name))
         ctx = contexts[group.name]
-        resolved = json.loads(json.dumps(cfg.to_dict()))  # as stored: lists, not tuples
-        if gstore.exists(layout.CONFIG) and gstore.read_json(layout.CONFIG) != resolved:
-            raise ConfigError(f"{gstore.uri} holds experts trained with another config; "
+        stored = gstore.read_json(layout.CONFIG) if gstore.exists(layout.CONFIG) else None
+        diff = first_difference(stored, cfg.to_dict()) if isinstance(stored, dict) else \
+            (None if stored is None else ("the whole config", "not a mapping", "a mapping"))
+        if diff:
+            raise ConfigError(f"{gstore.uri} holds experts trained with another config "
+                              f"({diff[0]} = {diff[1]!r} there, {diff[2]!r} now); "
                               "choose another --out")
         gstore.write_json(layout.CONFIG, cfg.to_dict())
         backend = RayBackend(ctx)
         pipeline.train_missing_experts(ctx, gstore, backend)
         shared[group.name] = {"data": backend.data_ref}
         for method in group.methods:
-            shared[group.name][method] = backend.expert_refs(gstore, full=method == "mtt")
+            full = METHODS[method].reads_full
+            shared[group.name][method] = backend.expert_refs(gstore, full=full)
     return shared
 
 
