@@ -16,8 +16,7 @@ import threading
 import time
 import uuid
 
-from mct_ray import pipeline, plan, preflight, runfolder
-from mct_ray import storage as layout
+from mct_ray import layout, pipeline, plan, preflight, runfolder
 from mct_ray.config import Config, load_config
 from mct_ray.context import Context
 from mct_ray.errors import ConfigError, MctRayError

@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from mct_ray import formats, progress
-from mct_ray import storage as layout
+from mct_ray import formats, layout, progress
 from mct_ray.context import Context
 from mct_ray.distill import Distiller
 from mct_ray.evaluate import EvalResult

@@ -19,8 +19,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from mct_ray import formats, report, starting
-from mct_ray import storage as layout
+from mct_ray import formats, layout, report, starting
 from mct_ray.context import Context
 from mct_ray.distill import Distiller
 from mct_ray.errors import DataError
@@ -330,7 +329,7 @@ def finish(ctx: Context, store: Storage, experts: Storage, outcome: DistillOutco
     store.write_json(layout.SUMMARY, summary)
     best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
                                   store.uri_of(layout.SYNTHETIC), ctx.spec)
-    store.write_bytes(layout.GRID_PNG, report.image_grid_png(best, ctx.data.num_classes))
+    store.write_bytes(layout.SYNTHETIC_PNG, report.image_grid_png(best, ctx.data.num_classes))
     store.write_bytes(layout.CURVE_PNG, report.curve_png(outcome.rows, summary, ctx.cfg))
     log.info("best %.2f %% at iteration %d, final %.2f %%, random real %s; in %.0f s",
              100 * summary["best_acc_mean"], summary["best_iteration"],

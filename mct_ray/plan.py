@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mct_ray import storage as layout
+from mct_ray import layout
 from mct_ray.loop import eval_iterations
 from mct_ray.progress import duration
 
@@ -107,7 +107,7 @@ def where_to_look(out: str, phases: tuple[str, ...]) -> str:
     """The closing lines of a command: where its outputs are and how to look at them."""
     lines = [f"outputs in {out}"]
     if "distill" in phases:
-        lines += [f"  {layout.GRID_PNG}: the synthetic images; {layout.CURVE_PNG}: accuracy "
+        lines += [f"  {layout.SYNTHETIC_PNG}: the synthetic images; {layout.CURVE_PNG}: accuracy "
                   f"against iteration; {layout.SUMMARY}: the figures",
                   f"  {layout.SYNTHETIC}: the best set (mct-ray eval --out {out} re-scores it)",
                   f"  tensorboard --logdir {out.rstrip('/')}/{layout.TENSORBOARD}"]

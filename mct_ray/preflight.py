@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mct_ray import starting, zoo
-from mct_ray import storage as layout
+from mct_ray import layout, starting, zoo
 from mct_ray.config import check_expert_epochs
 from mct_ray.context import Context
 from mct_ray.errors import ConfigError, DataError

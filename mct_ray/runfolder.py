@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from mct_ray import storage as layout
+from mct_ray import layout
 from mct_ray.config import Config, first_difference
 from mct_ray.errors import ConfigError, FormatError, MctRayError, StorageError
 from mct_ray.storage import Storage

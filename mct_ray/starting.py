@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from mct_ray import storage as layout
+from mct_ray import layout
 from mct_ray.errors import ConfigError, FormatError
 from mct_ray.rng import generator
 from mct_ray.storage import Storage, parent_and_name

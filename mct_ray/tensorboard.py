@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 # the distillation loop would be a pause (tests/test_runtime.py caught it under load).
 from torchvision.utils import make_grid
 
-from mct_ray import storage as layout
+from mct_ray import layout
 from mct_ray.storage import Storage
 
 

@@ -165,14 +165,14 @@ def test_a_crafted_file_naming_a_factory_runs_no_code(tiny_experts, tmp_path, mo
         load(crafted, "x", traj.spec)
     with pytest.raises(FormatError, match="which a file alone never imports"):
         load(crafted, "x")
-    from mct_ray import storage
+    from mct_ray import layout
     from mct_ray.cli import main
     from tests.conftest import TINY
 
     folder = tmp_path / "shared"
     if kind == "trajectory":
         (folder / "experts").mkdir(parents=True)
-        (folder / storage.expert_name(0)).write_bytes(crafted)
+        (folder / layout.expert_name(0)).write_bytes(crafted)
         argv = ["distill", "--local", "--out", str(tmp_path / "out"), "--experts",
                 str(folder), *TINY]
     else:

@@ -11,8 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from mct_ray import formats, zoo
-from mct_ray import storage as layout
+from mct_ray import formats, layout, zoo
 from mct_ray.augment import Augmenter
 from mct_ray.cli import main
 from mct_ray.config import AugmentConfig, DistillConfig

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from mct_ray import formats, storage
+from mct_ray import formats, layout, storage
 from mct_ray.errors import DataError, StorageError
 from mct_ray.nets import NetSpec
 from mct_ray.storage import Storage, parent_and_name
@@ -152,36 +152,36 @@ def test_artifacts_round_trip_through_s3(aws_env):
     assert store.kind == "s3" and isinstance(store.fs, pafs.S3FileSystem)
     spec = _spec()
     convex, full = _trajectories(spec)
-    store.write_bytes(storage.expert_name(0), formats.save_trajectory(convex))
-    store.write_bytes(storage.expert_name(0, full=True), formats.save_trajectory(full))
+    store.write_bytes(layout.expert_name(0), formats.save_trajectory(convex))
+    store.write_bytes(layout.expert_name(0, full=True), formats.save_trajectory(full))
     images, labels = torch.randn(10, 1, 8, 8), torch.arange(10)
-    store.write_bytes(storage.SYNTHETIC,
+    store.write_bytes(layout.SYNTHETIC,
                       formats.save_synthetic(SyntheticSet(images, labels, 0.01, {"iteration": 5}),
                                              spec))
     rows = [{"iteration": i, "loss": 1.0 / (i + 1), "method": "mct"} for i in range(3)]
-    store.write_table(storage.METRICS, rows)
-    store.write_json(storage.CONFIG, {"distill": {"ipc": 10}})
+    store.write_table(layout.METRICS, rows)
+    store.write_json(layout.CONFIG, {"distill": {"ipc": 10}})
 
     # The objects are on the server, seen by an independent client (not a local folder).
     assert aws_env.keys("run1/") == sorted(f"run1/{n}" for n in (
-        storage.expert_name(0), storage.expert_name(0, full=True), storage.SYNTHETIC,
-        storage.METRICS, storage.CONFIG))
+        layout.expert_name(0), layout.expert_name(0, full=True), layout.SYNTHETIC,
+        layout.METRICS, layout.CONFIG))
 
     again = Storage.open(_uri(aws_env, "run1"))
-    back = formats.load_trajectory(again.read_bytes(storage.expert_name(0)), "e0", spec)
+    back = formats.load_trajectory(again.read_bytes(layout.expert_name(0)), "e0", spec)
     assert torch.equal(back.anchors, convex.anchors) and torch.equal(back.beta, convex.beta)
     back_full = formats.load_trajectory(
-        again.read_bytes(storage.expert_name(0, full=True)), "e0f", spec)
+        again.read_bytes(layout.expert_name(0, full=True)), "e0f", spec)
     assert torch.equal(back_full.checkpoints, full.checkpoints)
-    syn = formats.load_synthetic(again.read_bytes(storage.SYNTHETIC), "s", spec)
+    syn = formats.load_synthetic(again.read_bytes(layout.SYNTHETIC), "s", spec)
     assert torch.equal(syn.images, images) and torch.equal(syn.labels, labels)
     assert syn.step_size == 0.01 and syn.info == {"iteration": 5}
-    assert again.read_table(storage.METRICS) == rows
-    assert again.read_json(storage.CONFIG) == {"distill": {"ipc": 10}}
-    assert again.list(storage.EXPERTS, ".safetensors") == [
-        storage.expert_name(0, full=True), storage.expert_name(0)]
-    assert again.size(storage.CONFIG) == len(aws_env.client().get_object(
-        Bucket=BUCKET, Key=f"run1/{storage.CONFIG}")["Body"].read())
+    assert again.read_table(layout.METRICS) == rows
+    assert again.read_json(layout.CONFIG) == {"distill": {"ipc": 10}}
+    assert again.list(layout.EXPERTS, ".safetensors") == [
+        layout.expert_name(0, full=True), layout.expert_name(0)]
+    assert again.size(layout.CONFIG) == len(aws_env.client().get_object(
+        Bucket=BUCKET, Key=f"run1/{layout.CONFIG}")["Body"].read())
     with pytest.raises(DataError, match=r"run1/missing\.json\?endpoint_override=.* not found"):
         again.read_json("missing.json")
     # No probe object is left behind by the check.
@@ -198,7 +198,7 @@ def test_one_writer_at_a_time_on_an_object_store(aws_env, monkeypatch):
     with pytest.raises(StorageError, match=r"is in use by 'mct-ray run' \(pid \d+ on "):
         runfolder.RunLock.acquire(Storage.open(_uri(aws_env, "locked")), "distill")
     lock.release()
-    assert not store.exists(storage.LOCK)
+    assert not store.exists(layout.LOCK)
     runfolder.RunLock.acquire(store, "distill").release()
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import ray
 
-from mct_ray import storage as layout
+from mct_ray import layout
 from mct_ray.context import Context
 from mct_ray.errors import MctRayError
 from mct_ray.experts import ExpertResult

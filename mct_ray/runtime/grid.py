@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 import ray
 from ray import tune
 
-from mct_ray import pipeline, preflight
-from mct_ray import storage as layout
+from mct_ray import layout, pipeline, preflight
 from mct_ray.config import METHODS, first_difference
 from mct_ray.context import Context
 from mct_ray.errors import ConfigError, MctRayError
