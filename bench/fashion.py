@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     variants = tuple(SHORT[v] for v in args.variants) if args.variants else None
-    zoo.check(args.models, "--models")
+    zoo.check_models(args.models, "--models")
     if args.combine:
         rows, cross = [r for f in args.combine for r in read_rows(pathlib.Path(f))], []
     else:

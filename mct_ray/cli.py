@@ -125,13 +125,13 @@ def run_command(args: argparse.Namespace) -> dict:
     experts = Storage.open(given) if given else store
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     RunLock.check_free(store)
-    runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
+    runfolder.guard(store, cfg, phases, resume, overwrite, experts_here=not given)
     ctx = Context.build(cfg)
-    preflight.check(ctx, phases, experts)
+    preflight.check_run(ctx, phases, experts)
     with _backend(ctx, args.local, phases) as backend:
         lock = RunLock.acquire(store, args.command)  # the first write to the output location
         try:
-            runfolder.check(store, cfg, phases, resume, overwrite, experts_here=not given)
+            runfolder.guard(store, cfg, phases, resume, overwrite, experts_here=not given)
             if args.command == "eval":
                 source, name = _synthetic_source(store, args.synthetic)
                 return pipeline.evaluate_saved(ctx, store, backend, source, name)

@@ -21,7 +21,7 @@ from mct_ray.pipeline import load_expert, missing_experts_message
 from mct_ray.storage import Storage
 
 
-def check(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
+def check_run(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
     cfg = ctx.cfg
     check_data(ctx, "distill" in phases)
     if "experts" in phases:  # experts already stored must be of this network and length
@@ -51,7 +51,7 @@ def check_data(ctx: Context, distill: bool = True) -> None:
     if ctx.data.num_classes < 2:
         raise DataError(f"{ctx.data.name} has {ctx.data.num_classes} class; a classifier "
                         "(and a synthetic set per class) needs at least 2")
-    zoo.check(cfg.eval.models)
+    zoo.check_models(cfg.eval.models)
     if distill:
         counts = torch.bincount(ctx.data.train_y, minlength=ctx.data.num_classes)
         smallest = int(counts.argmin())

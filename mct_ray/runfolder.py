@@ -123,7 +123,7 @@ def _first_difference(stored: dict, given: dict, keys: tuple[str, ...] | None) -
     return diff and f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now"
 
 
-def check(store: Storage, cfg: Config, phases: tuple[str, ...], resume: bool,
+def guard(store: Storage, cfg: Config, phases: tuple[str, ...], resume: bool,
           overwrite: bool, experts_here: bool) -> None:
     """Refuse, before any work, to mix this command into an existing run by mistake.
 

@@ -203,7 +203,7 @@ def _arguments(fn: Callable[..., nn.Module], kwargs: dict, width: int, depth: in
     return dict(kwargs)
 
 
-def check(names, key: str = "eval.models") -> None:
+def check_models(names, key: str = "eval.models") -> None:
     for name in names:
         factory(name, key)
 

@@ -47,7 +47,7 @@ def fits_a_node(need: dict, held: dict | None = None, here: str | None = None) -
 
 
 class Waiting:
-    """The start of one piece of work, watched: `check()` (cheap; call it as often as you
+    """The start of one piece of work, watched: `poll()` (cheap; call it as often as you
     like) logs a wait of `every_s` and more, once per interval, and raises NeverStarts when
     no node alive has room for it. `held` on node `here`: what the work that waits for this
     one holds itself (the distillation, for its evaluations)."""
@@ -58,7 +58,7 @@ class Waiting:
         self.held, self.here, self.then = held, here, then
         self.since = self.last = time.monotonic()
 
-    def check(self) -> None:
+    def poll(self) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s:
             return
@@ -77,7 +77,7 @@ class Waiting:
 def until_ready(ref: ray.ObjectRef, waiting: Waiting) -> None:
     """Waits (watched) for `ref`: an actor's `__ray_ready__`, say."""
     while not ray.wait([ref], timeout=1.0)[0]:
-        waiting.check()
+        waiting.poll()
     ray.get(ref)
 
 
@@ -100,7 +100,7 @@ class Launched:
     def started(self, timeout: float = 0) -> bool:
         if self.node is None:
             if not self._next_ready(timeout):
-                self.waiting.check()
+                self.waiting.poll()
                 return False
             self.node = ray.get(next(self.generator))  # raises the task's error, if any
         return True
