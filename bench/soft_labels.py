@@ -31,9 +31,11 @@ import torch  # noqa: E402
 from bench import fashion  # noqa: E402
 from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
+from mct_ray.distill import teacher_labels  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
 from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
+from mct_ray.trajectory import unflatten  # noqa: E402
 
 # (label, overrides); the window grows from the first start epoch to the protocol's max
 # over half the iterations (DATM grows it over a fifth to a third of theirs).
@@ -50,6 +52,20 @@ PLANS = {
     "tiny": {1: {"seeds": [0, 1], "iterations": 2, "every": 1,
                  "over": ["eval.epochs=2", "eval.num_eval=1"]}},
 }
+
+
+def teacher_accuracy(cfg, spec, data, experts, images, labels) -> tuple[list[float], float]:
+    """What the soft labels can know: each expert's network at max_start_epoch (the
+    teacher of `teacher` labels) scored on the test set, and how often the teachers' labels
+    (mean softmax) name the class of the starting images."""
+    accs, probs = [], 0
+    for e in experts:
+        params = unflatten(spec, e.convex.point(cfg.distill.max_start_epoch))
+        with torch.no_grad():
+            logits = torch.cat([spec.forward(params, x) for x in data.test_x.split(1024)])
+        accs.append(float((logits.argmax(1) == data.test_y).float().mean()))
+        probs = probs + teacher_labels(spec, e.convex, cfg.distill.max_start_epoch, images)
+    return accs, float((probs.argmax(1) == labels).float().mean())
 
 
 def window(iterations: int) -> str:
@@ -73,6 +89,10 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
             start = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
             init = evaluate(ipc_cfg.replace(seed=seed), spec, data, start, device=device).mean
             print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
+            accs, agree = teacher_accuracy(ipc_cfg, spec, data, experts, images, labels)
+            print(f"  the teachers (experts at epoch {ipc_cfg.distill.max_start_epoch:g}): "
+                  f"test accuracy {[round(100 * a, 1) for a in accs]} %, their labels name the "
+                  f"class of {100 * agree:.1f} % of the starting images", flush=True)
             for label, over in variants:
                 over = [window(plan["iterations"]) if o == "WINDOW" else o
                         for o in over]
