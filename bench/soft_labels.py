@@ -2,18 +2,21 @@
 
 Hard labels against the MCT authors' teacher labels and DATM's learned labels (with and
 without DATM's window of start epochs), from the same experts and the same starting images
-(the seed's draw, unfiltered, so the labels alone differ), 3 seeds, on `bench.fashion`'s
-reduced protocol (its data subset, experts and segment settings). Each run's best set (by
-its evaluations) is also trained with hard labels on the same networks: the images' own
-score.
+(the seed's draw, unfiltered, so the labels alone differ), and DATM's whole recipe
+(`datm`: learned labels, the window, starting images the experts get right), 3 seeds, on
+`bench.fashion`'s reduced protocol (its data subset, experts and segment settings). Each
+run's best set (by its evaluations) is also trained with hard labels on the same networks:
+the images' own score.
 
     python -m bench.soft_labels                    # reduced protocol, ipc 10 and 1
     python -m bench.soft_labels --ipc 10           # one part
+    python -m bench.soft_labels --ipc 10 --variants datm \\
+        --with bench/results/soft_labels_reduced_ipc10.parquet   # one more variant, summarised
     python -m bench.soft_labels --protocol tiny    # seconds (the tests)
 
 Writes bench/results/soft_labels_<protocol>.parquet (a row per evaluation), .png and
-_summary.parquet; last line fashion_soft_minus_hard_ipc10=<points: per seed, the better
-of teacher and learned minus hard, best accuracy, mean over seeds>.
+_summary.parquet; last line fashion_soft_minus_hard_ipc10=<points: per seed, the best
+soft-label variant minus hard, best accuracy, mean over seeds>.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import pathlib
 import statistics
 import sys
 import time
+import types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from bench import fashion  # noqa: E402
@@ -34,14 +39,19 @@ from mct_ray.config import load_config  # noqa: E402
 from mct_ray.distill import teacher_labels  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
-from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
+from mct_ray.starting import final_network  # noqa: E402
+from mct_ray.synthetic import SyntheticSet, draw_correct_indices, init_synthetic  # noqa: E402
 from mct_ray.trajectory import unflatten  # noqa: E402
 
 # (label, overrides); the window grows from the first start epoch to the protocol's max
-# over half the iterations (DATM grows it over a fifth to a third of theirs).
+# over half the iterations (DATM grows it over a fifth to a third of theirs). `datm` is
+# DATM's whole recipe: learned labels, the window, and starting images the experts' final
+# networks classify correctly (the seed's draw in the same order, each image an expert gets
+# wrong replaced by the next it gets right), so its labels never start against the class.
 VARIANTS = (("hard", []), ("teacher", ["distill.labels=teacher"]),
             ("learned", ["distill.labels=learned"]),
-            ("learned + window", ["distill.labels=learned", "WINDOW"]))
+            ("learned + window", ["distill.labels=learned", "WINDOW"]),
+            ("datm", ["distill.labels=learned", "WINDOW", "distill.init_filter=correct"]))
 
 # What each protocol adds to bench.fashion's protocol of the same name, per ipc.
 PLANS = {
@@ -66,6 +76,16 @@ def teacher_accuracy(cfg, spec, data, experts, images, labels) -> tuple[list[flo
         accs.append(float((logits.argmax(1) == data.test_y).float().mean()))
         probs = probs + teacher_labels(spec, e.convex, cfg.distill.max_start_epoch, images)
     return accs, float((probs.argmax(1) == labels).float().mean())
+
+
+def correct_images(cfg, spec, data, experts, seed, device):
+    """The seed's starting images through DATM's filter (`distill.init_filter=correct`, as
+    `mct_ray.starting` applies it), drawn in the same order as the unfiltered ones."""
+    ctx = types.SimpleNamespace(spec=spec, data=data, device=device, kernels="fast")
+    idx = draw_correct_indices(data.train_y, data.num_classes, cfg.distill.ipc,
+                               generator(seed, "synthetic-init"),
+                               [final_network(ctx, e.convex) for e in experts])
+    return data.train_x[idx].clone(), data.train_y[idx].clone()
 
 
 def window(iterations: int) -> str:
@@ -98,9 +118,17 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
                         for o in over]
                 cfg = load_config(recipe, [*base, *over]).replace(seed=seed)
                 print(f"ipc {ipc} seed {seed}: {label}", flush=True)
-                curve, best = fashion.distill_curve(cfg, spec, data, experts, images, labels,
-                                                    aug, seed, plan["every"], init, device)
-                best = best or start
+                x, y, first, acc0 = images, labels, start, init
+                if cfg.distill.init_filter == "correct":
+                    x, y = correct_images(cfg, spec, data, experts, seed, device)
+                    first = SyntheticSet(x, y, cfg.distill.lr_teacher, {"iteration": 0})
+                    acc0 = evaluate(cfg, spec, data, first, device=device).mean
+                    print(f"  {int((x != images).flatten(1).any(1).sum())} of the starting "
+                          f"images replaced by images the experts get right: "
+                          f"{100 * acc0:.2f} %", flush=True)
+                curve, best = fashion.distill_curve(cfg, spec, data, experts, x, y, aug, seed,
+                                                    plan["every"], acc0, device)
+                best = best or first
                 hard = evaluate(cfg, spec, data, best.hard(), device=device).mean
                 print(f"  best (iteration {best.iteration}) with hard labels: "
                       f"{100 * hard:.2f} %", flush=True)
@@ -134,7 +162,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def soft_minus_hard(rows: list[dict], ipc: int) -> float:
-    """Per seed, the better of teacher and learned (best accuracy) minus hard's; mean."""
+    """Per seed, the best soft-label variant's best accuracy minus hard's; mean."""
     best: dict = {}
     for r in rows:
         if r["ipc"] == ipc:
@@ -142,7 +170,7 @@ def soft_minus_hard(rows: list[dict], ipc: int) -> float:
             best[key] = max(best.get(key, 0.0), r["acc_mean"])
     seeds = sorted({s for (v, s) in best if v == "hard"})
     return statistics.fmean(
-        100 * (max(best.get((v, s), 0.0) for v in ("teacher", "learned")) - best[("hard", s)])
+        100 * (max(a for (v, t), a in best.items() if t == s and v != "hard") - best[("hard", s)])
         for s in seeds)
 
 
@@ -155,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
     parser.add_argument("--ipc", type=int, nargs="*", help="only these ipc of the protocol")
     parser.add_argument("--variants", nargs="*", choices=[v[0] for v in VARIANTS])
+    parser.add_argument("--with", dest="earlier", nargs="*", default=[], metavar="PARQUET",
+                        help="rows of earlier runs of this protocol (other variants: the "
+                        "experts and starting images are the same) summarised with this run's")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -162,16 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.protocol, args.device, args.data_root, args.ipc, variants)
     out = pathlib.Path(args.out) if args.out else RESULTS
     name = f"soft_labels_{args.protocol}" + (f"_ipc{'-'.join(map(str, args.ipc))}"
-                                              if args.ipc else "")
-    save_table(name, rows, out)
+                                              if args.ipc else "") + \
+        ("".join(f"_{v[0]}" for v in variants).replace(" + ", "-") if args.variants else "")
+    save_table(name, rows, out)  # this run's own rows
+    if args.earlier:
+        rows = [r for f in args.earlier for r in pq.read_table(f).to_pylist()] + rows
+        name += "_combined"
     table = summarise(rows)
     save_table(f"{name}_summary", table, out)
-    fashion.plot(rows, out / f"{name}.png", [v[0] for v in variants])
+    drawn = {r["variant"] for r in rows}
+    fashion.plot(rows, out / f"{name}.png", [v[0] for v in VARIANTS if v[0] in drawn])
     print_table(table)
     print(f"wall time {time.perf_counter() - started:.0f} s")
     ipcs = sorted({r["ipc"] for r in rows})
     labels = {r["variant"] for r in rows}
-    if {"hard"} < labels and labels & {"teacher", "learned"}:
+    if {"hard"} < labels:
         ipc = 10 if 10 in ipcs else ipcs[0]
         print(f"fashion_soft_minus_hard_ipc{ipc}={soft_minus_hard(rows, ipc):.2f}")
     return 0

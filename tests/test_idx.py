@@ -216,26 +216,34 @@ def test_bench_fashion_tiny_protocol_runs(tmp_path, capsys):
 
 
 def test_bench_soft_labels_tiny_protocol_runs(tmp_path, capsys):
-    """bench/soft_labels.py end to end at seconds-long sizes: every variant, the hard-label
-    score of each best set, the summary and its last line."""
+    """bench/soft_labels.py end to end at seconds-long sizes: every variant (DATM's run on
+    its own and summarised with the others), the hard-label score of each best set, the
+    summary and its last line."""
     import sys
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
+    import pyarrow.parquet as pq
+
     from bench import soft_labels
 
     write_idx_set(tmp_path / "data" / "fashion-mnist", n_train=60, n_test=20)
-    assert soft_labels.main(["--protocol", "tiny", "--threads", "1", "--data-root",
-                             str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(tmp_path / "out" / "soft_labels_tiny.parquet").to_pylist()
+    common = ["--protocol", "tiny", "--threads", "1", "--data-root", str(tmp_path / "data"),
+              "--out", str(tmp_path / "out")]
+    others = [v[0] for v in soft_labels.VARIANTS if v[0] != "datm"]
+    assert soft_labels.main([*common, "--variants", *others]) == 0
+    first = tmp_path / "out" / "soft_labels_tiny_hard_teacher_learned_learned-window.parquet"
+    assert soft_labels.main([*common, "--variants", "datm", "--with", str(first)]) == 0
+    own = pq.read_table(tmp_path / "out" / "soft_labels_tiny_datm.parquet").to_pylist()
+    assert {r["variant"] for r in own} == {"datm"}
+    rows = pq.read_table(first).to_pylist() + own
     assert {r["variant"] for r in rows} == {v[0] for v in soft_labels.VARIANTS}
     assert {r["seed"] for r in rows} == {0, 1}
     assert all(0 <= r["hard_of_best"] <= 1 for r in rows)
-    assert (tmp_path / "out" / "soft_labels_tiny.png").stat().st_size > 0
-    summary = pq.read_table(tmp_path / "out" / "soft_labels_tiny_summary.parquet").to_pylist()
-    assert len(summary) == len(soft_labels.VARIANTS)
+    assert (tmp_path / "out" / "soft_labels_tiny_datm_combined.png").stat().st_size > 0
+    summary = pq.read_table(tmp_path / "out" /
+                            "soft_labels_tiny_datm_combined_summary.parquet").to_pylist()
+    assert [r["variant"] for r in summary] == [v[0] for v in soft_labels.VARIANTS]
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("fashion_soft_minus_hard_ipc1=")
     assert float(last.split("=")[1]) == round(soft_labels.soft_minus_hard(rows, 1), 2)
