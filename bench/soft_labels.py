@@ -64,10 +64,11 @@ PLANS = {
 }
 
 
-def teacher_accuracy(cfg, spec, data, experts, images, labels) -> tuple[list[float], float]:
+def teacher_accuracy(cfg, spec, data, experts, images, labels
+                     ) -> tuple[list[float], float, torch.Tensor]:
     """What the soft labels can know: each expert's network at max_start_epoch (the
-    teacher of `teacher` labels) scored on the test set, and how often the teachers' labels
-    (mean softmax) name the class of the starting images."""
+    teacher of `teacher` labels) scored on the test set, how often the teachers' labels
+    (mean softmax) name the class of the starting images, and those labels."""
     accs, probs = [], 0
     for e in experts:
         params = unflatten(spec, e.convex.point(cfg.distill.max_start_epoch))
@@ -75,7 +76,8 @@ def teacher_accuracy(cfg, spec, data, experts, images, labels) -> tuple[list[flo
             logits = torch.cat([spec.forward(params, x) for x in data.test_x.split(1024)])
         accs.append(float((logits.argmax(1) == data.test_y).float().mean()))
         probs = probs + teacher_labels(spec, e.convex, cfg.distill.max_start_epoch, images)
-    return accs, float((probs.argmax(1) == labels).float().mean())
+    probs = probs / len(experts)
+    return accs, float((probs.argmax(1) == labels).float().mean()), probs
 
 
 def correct_images(cfg, spec, data, experts, seed, device):
@@ -109,10 +111,14 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
             start = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
             init = evaluate(ipc_cfg.replace(seed=seed), spec, data, start, device=device).mean
             print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
-            accs, agree = teacher_accuracy(ipc_cfg, spec, data, experts, images, labels)
+            accs, agree, soft = teacher_accuracy(ipc_cfg, spec, data, experts, images, labels)
+            taught = evaluate(ipc_cfg.replace(seed=seed), spec, data,
+                              SyntheticSet(images, soft, ipc_cfg.distill.lr_teacher,
+                                           {"iteration": 0}, labels), device=device).mean
             print(f"  the teachers (experts at epoch {ipc_cfg.distill.max_start_epoch:g}): "
                   f"test accuracy {[round(100 * a, 1) for a in accs]} %, their labels name the "
-                  f"class of {100 * agree:.1f} % of the starting images", flush=True)
+                  f"class of {100 * agree:.1f} % of the starting images, which score "
+                  f"{100 * taught:.2f} % with those labels", flush=True)
             for label, over in variants:
                 over = [window(plan["iterations"]) if o == "WINDOW" else o
                         for o in over]
