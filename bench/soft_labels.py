@@ -129,9 +129,9 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
                     x, y = correct_images(cfg, spec, data, experts, seed, device)
                     first = SyntheticSet(x, y, cfg.distill.lr_teacher, {"iteration": 0})
                     acc0 = evaluate(cfg, spec, data, first, device=device).mean
-                    print(f"  {int((x != images).flatten(1).any(1).sum())} of the starting "
-                          f"images replaced by images the experts get right: "
-                          f"{100 * acc0:.2f} %", flush=True)
+                    kept = sum(any(torch.equal(a, b) for b in images) for a in x)
+                    print(f"  {len(x) - kept} of the starting images replaced by images the "
+                          f"experts get right: {100 * acc0:.2f} %", flush=True)
                 curve, best = fashion.distill_curve(cfg, spec, data, experts, x, y, aug, seed,
                                                     plan["every"], acc0, device)
                 best = best or first
