@@ -41,7 +41,6 @@ from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
 from mct_ray.starting import final_network  # noqa: E402
 from mct_ray.synthetic import SyntheticSet, draw_correct_indices, init_synthetic  # noqa: E402
-from mct_ray.trajectory import unflatten  # noqa: E402
 
 # (label, overrides); the window grows from the first start epoch to the protocol's max
 # over half the iterations (DATM grows it over a fifth to a third of theirs). `datm` is
@@ -71,10 +70,8 @@ def teacher_accuracy(cfg, spec, data, experts, images, labels
     (mean softmax) name the class of the starting images, and those labels."""
     accs, probs = [], 0
     for e in experts:
-        params = unflatten(spec, e.convex.point(cfg.distill.max_start_epoch))
-        with torch.no_grad():
-            logits = torch.cat([spec.forward(params, x) for x in data.test_x.split(1024)])
-        accs.append(float((logits.argmax(1) == data.test_y).float().mean()))
+        on_test = teacher_labels(spec, e.convex, cfg.distill.max_start_epoch, data.test_x)
+        accs.append(float((on_test.argmax(1) == data.test_y).float().mean()))
         probs = probs + teacher_labels(spec, e.convex, cfg.distill.max_start_epoch, images)
     probs = probs / len(experts)
     return accs, float((probs.argmax(1) == labels).float().mean()), probs

@@ -86,11 +86,16 @@ def teacher_labels(spec: NetSpec, trajectory: Trajectory, epoch: float, images: 
                    kernels: str = "fast", batch: int = 256) -> torch.Tensor:
     """The MCT authors' teacher labels: the softmax of the expert's network at `epoch` of
     its trajectory, on the synthetic images as they are (no augmentation, no gradient)."""
-    with torch.no_grad():
-        params = unflatten(spec, trajectory.point(min(epoch, trajectory.num_epochs))
-                           .to(images.device, images.dtype))
-        logits = torch.cat([spec.forward(params, x, kernels) for x in images.split(batch)])
-    return torch.softmax(logits, dim=1)
+    return torch.softmax(_logits_at(spec, trajectory, min(epoch, trajectory.num_epochs),
+                                    images, kernels, batch), dim=1)
+
+
+@torch.no_grad()
+def _logits_at(spec: NetSpec, trajectory: Trajectory, epoch: float, images: torch.Tensor,
+               kernels: str, batch: int) -> torch.Tensor:
+    """The raw logits of the network at `epoch` of a trajectory, in batches of `batch`."""
+    params = unflatten(spec, trajectory.point(epoch).to(images.device, images.dtype))
+    return torch.cat([spec.forward(params, x, kernels) for x in images.split(batch)])
 
 
 def initial_label_logits(spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
@@ -102,14 +107,12 @@ def initial_label_logits(spec: NetSpec, trajectories: list[Trajectory], images: 
                         device=images.device)
     right = torch.zeros(len(images), 1, dtype=images.dtype, device=images.device)
     every = torch.zeros_like(total)
-    with torch.no_grad():
-        for traj in trajectories:
-            params = unflatten(spec, traj.point(traj.num_epochs).to(images.device, images.dtype))
-            logits = torch.cat([spec.forward(params, x, kernels) for x in images.split(batch)])
-            hit = (logits.argmax(1) == classes).to(images.dtype)[:, None]
-            total += hit * logits
-            right += hit
-            every += logits
+    for traj in trajectories:
+        logits = _logits_at(spec, traj, traj.num_epochs, images, kernels, batch)
+        hit = (logits.argmax(1) == classes).to(images.dtype)[:, None]
+        total += hit * logits
+        right += hit
+        every += logits
     return torch.where(right > 0, total / right.clamp_min(1), every / len(trajectories))
 
 

@@ -25,13 +25,7 @@ from mct_ray.distill import Distiller
 from mct_ray.errors import DataError
 from mct_ray.evaluate import EvalResult, evaluate, random_real
 from mct_ray.experts import ExpertResult, train_expert
-from mct_ray.loop import (
-    DistillOutcome,
-    EvalFuture,
-    Finished,
-    parts_with,
-    run_distillation,
-)
+from mct_ray.loop import DistillOutcome, EvalFuture, Finished, parts_with, run_distillation
 from mct_ray.nets import NetSpec
 from mct_ray.progress import Progress
 from mct_ray.storage import Storage
@@ -107,26 +101,26 @@ def run(ctx: Context, store: Storage, backend: Backend, experts: Storage,
                      for m in (None, *cfg.other_models)} if cfg.eval.baseline else {}
         outcome = backend.distill(store, experts, resume, run_id, started)
         scores = {m: f.result() for m, f in baselines.items()}
-        hard = hard_label_score(ctx, store, backend)
-        result = finish(ctx, store, experts, outcome, scores.get(None), run_id, started,
-                        cross_architecture(ctx, store, backend, outcome, scores),
+        best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
+                                      store.uri_of(layout.SYNTHETIC), ctx.spec)
+        hard = hard_label_score(ctx, best, backend)
+        result = finish(ctx, store, experts, outcome, best, scores.get(None), run_id, started,
+                        cross_architecture(ctx, best, backend, outcome, scores),
                         hard and hard.result())
     return result
 
 
-def hard_label_score(ctx: Context, store: Storage, backend: Backend):
+def hard_label_score(ctx: Context, best: SyntheticSet, backend: Backend):
     """A soft-label run's best images trained with the class of each as its label, by the
     networks that scored the best set (so the pair differs in the labels alone: where the
     best set is the starting one, which has hard labels, the two are equal); a future, or
     None for a hard-label run."""
     if ctx.cfg.distill.labels == "hard":
         return None
-    best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
-                                  store.uri_of(layout.SYNTHETIC), ctx.spec)
     return backend.submit_eval(best.hard(), "syn", None)
 
 
-def cross_architecture(ctx: Context, store: Storage, backend: Backend,
+def cross_architecture(ctx: Context, best_set: SyntheticSet, backend: Backend,
                        outcome: DistillOutcome, baselines: dict[str | None, EvalResult]
                        ) -> dict:
     """{model: scores} for every architecture of eval.models: `acc_mean`/`acc_std` of the
@@ -149,9 +143,7 @@ def cross_architecture(ctx: Context, store: Storage, backend: Backend,
                           "final_acc_mean": final["acc_mean"],
                           "final_acc_std": final["acc_std"]}
     else:
-        best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
-                                      store.uri_of(layout.SYNTHETIC), ctx.spec)
-        futures = {m: backend.submit_eval(best, "final", m) for m in cfg.eval.models}
+        futures = {m: backend.submit_eval(best_set, "final", m) for m in cfg.eval.models}
         for model, future in futures.items():  # all submitted first: on Ray they run together
             r = future.result()
             out[model] = {"acc_mean": r.mean, "acc_std": r.std}
@@ -313,7 +305,7 @@ def summarise(ctx: Context, experts: Storage, outcome: DistillOutcome,
 
 
 def finish(ctx: Context, store: Storage, experts: Storage, outcome: DistillOutcome,
-           baseline: EvalResult | None, run_id: str, started: float,
+           best: SyntheticSet, baseline: EvalResult | None, run_id: str, started: float,
            models: dict | None = None, hard: EvalResult | None = None) -> dict:
     final = max(r["iteration"] for r in outcome.rows)
     summary = summarise(ctx, experts, outcome, baseline,
@@ -327,8 +319,6 @@ def finish(ctx: Context, store: Storage, experts: Storage, outcome: DistillOutco
     if models:
         summary["models"] = models  # the best set on other architectures
     store.write_json(layout.SUMMARY, summary)
-    best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
-                                  store.uri_of(layout.SYNTHETIC), ctx.spec)
     store.write_bytes(layout.SYNTHETIC_PNG, report.image_grid_png(best, ctx.data.num_classes))
     store.write_bytes(layout.CURVE_PNG, report.curve_png(outcome.rows, summary, ctx.cfg))
     log.info("best %.2f %% at iteration %d, final %.2f %%, random real %s; in %.0f s",

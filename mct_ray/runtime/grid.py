@@ -205,13 +205,14 @@ def _prepare_experts(grid: Grid, store: Storage, contexts: dict) -> dict:
         cfg = group.cfg
         gstore = store.child(layout.expert_group(group.name))
         ctx = contexts[group.name]
-        stored = gstore.read_json(layout.CONFIG) if gstore.exists(layout.CONFIG) else None
-        diff = first_difference(stored, cfg.to_dict()) if isinstance(stored, dict) else \
-            (None if stored is None else ("the whole config", "not a mapping", "a mapping"))
-        if diff:
-            raise ConfigError(f"{gstore.uri} holds experts trained with another config "
-                              f"({diff[0]} = {diff[1]!r} there, {diff[2]!r} now); "
-                              "choose another --out")
+        if gstore.exists(layout.CONFIG):
+            stored = gstore.read_json(layout.CONFIG)
+            diff = first_difference(stored, cfg.to_dict()) if isinstance(stored, dict) \
+                else (layout.CONFIG, stored, "a config")
+            if diff:
+                raise ConfigError(f"{gstore.uri} holds experts trained with another config "
+                                  f"({diff[0]} = {diff[1]!r} there, {diff[2]!r} now); "
+                                  "choose another --out")
         gstore.write_json(layout.CONFIG, cfg.to_dict())
         backend = RayBackend(ctx)
         pipeline.train_missing_experts(ctx, gstore, backend)
