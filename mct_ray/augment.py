@@ -37,6 +37,10 @@ class AugPlan:
 
     ops: tuple[tuple[str, torch.Tensor], ...]
 
+    def rows(self, rows: slice) -> "AugPlan":
+        """The parameters of these rows of the batch."""
+        return AugPlan(tuple((op, params[rows]) for op, params in self.ops))
+
 
 class Augmenter:
     def __init__(self, cfg: AugmentConfig):

@@ -202,7 +202,12 @@ class RayConfig:
     expert_retries: int = _f(3, lo=0, hi=1000, doc="re-runs of an expert whose worker or node died")
     distill_num_cpus: float = _f(1.0, lo=0.0, hi=1024)
     distill_num_gpus: float = _f(0.0, lo=0.0, hi=64)
-    distill_restarts: int = _f(3, lo=0, hi=1000, doc="restarts of a crashed distillation actor")
+    distill_restarts: int = _f(3, lo=0, hi=1000, doc="restarts of a crashed distillation actor "
+                               "(or gang)")
+    distill_workers: int = _f(1, lo=1, hi=4096, doc="workers (devices) one distillation is "
+                              "split over, by rows of each minibatch, on Ray Train")
+    distill_placement: str = _f("PACK", choices=("PACK", "SPREAD"),
+                                doc="how the gang's workers are placed on the nodes")
     eval_num_cpus: float = _f(1.0, lo=0.0, hi=1024, doc="CPUs per evaluation task")
     eval_num_gpus: float = _f(0.0, lo=0.0, hi=64)
     eval_retries: int = _f(3, lo=0, hi=1000)

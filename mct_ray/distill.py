@@ -35,6 +35,7 @@ from mct_ray.config import METHODS, DistillConfig, start_bounds
 from mct_ray.errors import DivergenceError, FormatError
 from mct_ray.nets import NetSpec
 from mct_ray.rng import generator
+from mct_ray.shard import Shard
 from mct_ray.synthetic import SyntheticSet
 from mct_ray.trajectory import Trajectory, unflatten
 
@@ -152,18 +153,21 @@ def num_chunks(spec: NetSpec, x: torch.Tensor) -> int:
 
 
 class Student:
-    """The student's SGD step as a function of (parameters, images, step size)."""
+    """The student's SGD step as a function of (parameters, images, step size); in a gang
+    (`shard`), on this worker's rows of each minibatch, the gradient summed over workers."""
 
     def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter,
-                 autocast: str = "none", kernels: str = "fast"):
+                 autocast: str = "none", kernels: str = "fast", shard: Shard = Shard()):
         self.spec, self.labels, self.aug, self.autocast = spec, labels, aug, autocast
-        self.kernels = kernels
+        self.kernels, self.shard = kernels, shard
 
     def loss(self, params: list[torch.Tensor], images: torch.Tensor, plan: StepPlan
              ) -> torch.Tensor:
-        """Mean cross-entropy of the augmented minibatch, summed chunk by chunk."""
-        x = self.aug.apply(images[plan.indices], plan.aug)  # (B, C, H, W)
-        y = self.labels[plan.indices]
+        """Cross-entropy of this worker's rows of the augmented minibatch over the whole
+        minibatch's size (its mean with one worker), summed chunk by chunk."""
+        rows = self.shard.share(len(plan.indices))
+        x = self.aug.apply(images[plan.indices[rows]], plan.aug.rows(rows))  # (B, C, H, W)
+        y = self.labels[plan.indices[rows]]
         pieces = num_chunks(self.spec, x)
         use_bf16 = self.autocast == "bf16"  # on a CPU: slower, but the same numerics
         total = 0.0
@@ -172,7 +176,7 @@ class Student:
                 logits = self.spec.forward(params, xc, self.kernels)
             logits = logits.to(params[-1].dtype)  # the loss in the parameters' precision
             total = total + F.cross_entropy(logits, yc, reduction="sum")
-        return total / len(x)
+        return total / len(plan.indices)
 
     def step(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
              plan: StepPlan, create_graph: bool = True
@@ -183,8 +187,13 @@ class Student:
         The step computes the same bits with and without create_graph (the net's ops run the
         same kernels on both paths, see nets.py), so the recomputing modes replay exactly.
         """
-        loss = self.loss(params, images, plan)
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        if len(plan.indices[self.shard.share(len(plan.indices))]):
+            grads = torch.autograd.grad(self.loss(params, images, plan), params,
+                                        create_graph=create_graph)
+        else:  # no rows for this worker: zeros that depend on the parameters as a gradient
+            # does, so the all-reduce of the backward pass runs here as on the other workers
+            grads = [0.0 * (p if create_graph else p.detach()) for p in params]
+        grads = self.shard.sum(list(grads), differentiable=create_graph)
         return [p - step_size * g for p, g in zip(params, grads)], list(grads)
 
     def run(self, params: list[torch.Tensor], images: torch.Tensor, step_size: torch.Tensor,
@@ -201,19 +210,20 @@ def _leaves(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
 
 
-def _loss_and_grad(final: list[torch.Tensor], seg: Segment
+def _loss_and_grad(final: list[torch.Tensor], seg: Segment, shard: Shard
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The matching loss and its gradient w.r.t. theta_N (start and target are constants)."""
+    """The matching loss and this worker's share of its gradient w.r.t. theta_N (start and
+    target are constants)."""
     final = _leaves(final)
     loss = match_loss(final, seg)
-    return loss.detach(), list(torch.autograd.grad(loss, final))
+    return loss.detach(), list(torch.autograd.grad(shard.split(loss), final))
 
 
 def grad_unroll(student: Student, images: torch.Tensor, step_size: torch.Tensor, seg: Segment,
                 plans: list[StepPlan]) -> torch.Tensor:
     final = student.run(_leaves(seg.start), images, step_size, plans, keep_graph=True)
     loss = match_loss(final, seg)
-    loss.backward(inputs=_inputs(student, images, step_size))
+    student.shard.split(loss).backward(inputs=_inputs(student, images, step_size))
     return loss.detach()
 
 
@@ -233,7 +243,7 @@ def grad_checkpoint(student: Student, images: torch.Tensor, step_size: torch.Ten
         boundary_params.append(params)
         params = student.run(params, images.detach(), step_size.detach(), plans[a:b],
                              keep_graph=False)
-    loss, upstream = _loss_and_grad(params, seg)
+    loss, upstream = _loss_and_grad(params, seg, student.shard)
     for (a, b), start in reversed(list(zip(zip(bounds[:-1], bounds[1:]), boundary_params))):
         leaves = _leaves(start)
         out = student.run(leaves, images, step_size, plans[a:b], keep_graph=True)
@@ -249,7 +259,7 @@ def grad_tesla(student: Student, images: torch.Tensor, step_size: torch.Tensor, 
                plans: list[StepPlan]) -> torch.Tensor:
     final = student.run(seg.start, images.detach(), step_size.detach(), plans,
                         keep_graph=False)
-    loss, upstream = _loss_and_grad(final, seg)
+    loss, upstream = _loss_and_grad(final, seg, student.shard)
     params = [p.detach() for p in seg.start]
     for plan in plans:  # replay; each step's parameters are constants w.r.t. the images
         leaves = _leaves(params)
@@ -292,18 +302,19 @@ class Distiller:
 
     def __init__(self, spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
                  labels: torch.Tensor, cfg: DistillConfig, aug: Augmenter, seed: int,
-                 device: str = "cpu", kernels: str = "fast"):
+                 device: str = "cpu", kernels: str = "fast", shard: Shard = Shard()):
         if not trajectories:
             raise FormatError("no expert trajectories to distill from")
         self.spec, self.trajectories, self.cfg, self.seed = spec, trajectories, cfg, seed
-        self.aug, self.device = aug, device
+        self.aug, self.device, self.shard = aug, device, shard
         self.images = images.detach().clone().to(device).requires_grad_()
         self.classes = labels.to(device)  # the class of each image
         self.labels = self.classes  # what the student trains on: soft once a teacher labels
-        self.step_size = torch.tensor(cfg.lr_teacher, device=device).requires_grad_()
+        self.step_size = torch.tensor(cfg.lr_teacher, dtype=images.dtype,
+                                      device=device).requires_grad_()
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
-        self.student = Student(spec, self.labels, aug, cfg.autocast, kernels)
+        self.student = Student(spec, self.labels, aug, cfg.autocast, kernels, shard)
         self.label_logits: torch.Tensor | None = None  # learned labels (DATM), as logits
         if cfg.labels == "learned":
             self.label_logits = initial_label_logits(spec, trajectories, self.images.detach(),
@@ -321,6 +332,8 @@ class Distiller:
             self.set_labels(torch.softmax(self.label_logits.detach(), 1).requires_grad_())
         loss = GRAD_MODES[self.cfg.grad_mode](self.student, self.images, self.step_size, seg,
                                               plans, self.cfg)
+        learned = () if self.label_logits is None else (self.labels,)
+        self.shard.gather_grads([self.images, self.step_size, *learned])
         if self.cfg.image_grad_scale != 1.0 and self.images.grad is not None:
             self.images.grad.mul_(self.cfg.image_grad_scale)
         if self.label_logits is not None:  # then through the softmax to the logits
@@ -369,6 +382,14 @@ class Distiller:
                             seg.start_epoch, not finite)
         self.iteration += 1
         return result
+
+    def sync(self) -> None:
+        """Every worker of a gang takes worker 0's state (after worker 0 resumed)."""
+        if self.shard.alone:
+            return
+        state = self.shard.broadcast(self.state_dict() if self.shard.rank == 0 else None)
+        if self.shard.rank != 0:
+            self.load_state_dict(state)
 
     def set_labels(self, labels: torch.Tensor) -> None:
         self.labels = self.student.labels = labels

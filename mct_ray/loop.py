@@ -249,6 +249,7 @@ def run_distillation(ctx: Context, store: Storage, distiller: Distiller, submit:
     elif resume:
         log.info("nothing to resume in %s (no %s): starting at iteration 0", store.uri,
                  layout.STATE)
+    distiller.sync()  # in a gang, the others take this worker's state
     todo = set(eval_iterations(cfg.eval.every, cfg.distill.iterations))
     loop_started, losses = time.perf_counter(), outcome.losses
     saved_at = time.monotonic()
@@ -291,3 +292,11 @@ def run_distillation(ctx: Context, store: Storage, distiller: Distiller, submit:
         if tb is not None:
             tb.close()
     return outcome
+
+
+def follow_distillation(ctx: Context, distiller: Distiller) -> None:
+    """A gang's other workers: worker 0's state, then the same steps in step with its loop
+    (their collectives pair), writing nothing."""
+    distiller.sync()
+    while distiller.iteration < ctx.cfg.distill.iterations:
+        distiller.step()

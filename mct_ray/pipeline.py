@@ -28,6 +28,7 @@ from mct_ray.experts import ExpertResult, train_expert
 from mct_ray.loop import DistillOutcome, EvalFuture, Finished, parts_with, run_distillation
 from mct_ray.nets import NetSpec
 from mct_ray.progress import Progress
+from mct_ray.shard import Shard
 from mct_ray.storage import Storage
 from mct_ray.synthetic import SyntheticSet
 from mct_ray.trajectory import FullTrajectory, Trajectory
@@ -226,7 +227,7 @@ def make_distiller(ctx: Context, trajectories: list[Trajectory],
     idx = idx.to(ctx.data.train_x.device)
     return Distiller(ctx.spec, trajectories, ctx.data.train_x[idx].clone(),
                      ctx.data.train_y[idx].clone(), cfg.distill, ctx.aug, cfg.seed,
-                     ctx.device, ctx.kernels)
+                     ctx.device, ctx.kernels, Shard.current())
 
 
 def evaluate_saved(ctx: Context, store: Storage, backend: Backend, source: Storage,

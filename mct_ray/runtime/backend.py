@@ -23,6 +23,7 @@ from mct_ray.pipeline import LocalBackend, load_expert
 from mct_ray.runtime import waits, workers
 from mct_ray.runtime.cluster import ClusterError
 from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
+from mct_ray.runtime.gang import distill_gang
 from mct_ray.runtime.workers import RayEvals
 from mct_ray.storage import Storage
 from mct_ray.synthetic import SyntheticSet
@@ -40,6 +41,13 @@ def check_room(cfg, phases: tuple[str, ...]) -> None:
     """Before any work: each phase's work fits some node of the cluster (a task that fits
     none would wait forever); evaluations that fit none are run by the distillation."""
     need = workers.needs(cfg)
+    gang = cfg.ray.distill_workers
+    if "distill" in phases and gang > 1 and waits.copies_fitting(need["distillation"]) < gang:
+        raise ClusterError(
+            f"the Ray cluster cannot place a distillation gang of {gang} workers of "
+            f"{waits.shown(need['distillation'])} each: its nodes have room for "
+            f"{waits.copies_fitting(need['distillation'])} (nodes: {waits.shown_nodes()}); "
+            "lower ray.distill_workers or add nodes that have them")
     for what in (("expert",) if "experts" in phases else ()) + \
             (("distillation",) if "distill" in phases else ()):
         if not waits.fits_a_node(need[what]):
@@ -118,6 +126,9 @@ class RayBackend:
     def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
                 started: float) -> DistillOutcome:
         refs = self.expert_refs(experts)
+        if self.cfg.ray.distill_workers > 1:
+            return distill_gang(self.cfg, store.uri, {"data": self.data_ref, "experts": refs},
+                                resume, run_id, started)
         if self.loop_here:
             return workers.distill_from_refs(self.ctx, store, refs, self.submit_eval, resume,
                                              run_id, started)

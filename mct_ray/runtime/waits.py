@@ -46,6 +46,21 @@ def fits_a_node(need: dict, held: dict | None = None, here: str | None = None) -
                for node, total in capacities().items())
 
 
+def copies_fitting(need: dict) -> int:
+    """How many copies of `need` the nodes alive now hold in all (by their totals)."""
+    asked = {k: v for k, v in need.items() if v}
+    if not asked:
+        return 2**31
+    return sum(int(min(total.get(k, 0.0) // v for k, v in asked.items()))
+               for total in capacities().values())
+
+
+def shown_nodes() -> str:
+    """The nodes alive, as a person reads them: CPU and GPU of each."""
+    return ", ".join(f"CPU {t.get('CPU', 0):g} GPU {t.get('GPU', 0):g}"
+                     for t in capacities().values())
+
+
 class Waiting:
     """The start of one piece of work, watched: `poll()` (cheap; call it as often as you
     like) logs a wait of `every_s` and more, once per interval, and raises NeverStarts when

@@ -1,0 +1,116 @@
+"""One distillation over a gang of workers on Ray Train (`ray.distill_workers`), on the
+session's two-node loopback cluster: the same synthetic set as one worker, refused in
+pre-flight when the cluster cannot place it, and a worker killed mid-run recovering to the
+uninterrupted result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from mct_ray import starting
+from mct_ray.cli import main
+from mct_ray.config import load_config
+from mct_ray.context import Context
+from tests.conftest import TINY
+from tests.test_runtime import formats_rows, printed_json, run_json, synthetic
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ray = pytest.importorskip("ray")
+
+# Long enough to kill a worker in the middle; the digits recipe's checkpoint mode and DSA.
+LONGER = [*TINY, "expert.num_experts=4", "distill.iterations=30", "eval.every=15",
+          "run.checkpoint_every=5", "distill.batch_syn=6"]
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts")
+    assert main(["experts", "--local", "--out", str(out), *TINY, "expert.num_experts=4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(experts, tmp_path_factory, ray_cluster):
+    """The run on one worker (the distillation actor)."""
+    out = tmp_path_factory.mktemp("single")
+    assert main(["distill", "--out", str(out), "--experts", str(experts), *LONGER]) == 0
+    return out
+
+
+def starting_images(out):
+    ctx = Context.build(load_config("digits", LONGER))
+    raw = (out / "init_indices.json").read_bytes()
+    return ctx.data.train_x[starting.parse(raw, "init_indices.json", ctx)]
+
+
+def close(a, b) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_gang_of_two_gives_the_single_worker_set(ray_cluster, experts, single, tmp_path,
+                                                   capsys):
+    out = tmp_path / "gang"
+    summary = run_json(capsys, "distill", "--out", str(out), "--experts", str(experts),
+                       *LONGER, "ray.distill_workers=2")
+    a, b = synthetic(single), synthetic(out)
+    assert close(a.images, b.images) and abs(a.step_size - b.step_size) < 1e-6
+    assert not close(a.images, starting_images(out))  # the sets compared moved
+    assert [r["iteration"] for r in formats_rows(out)] == [0, 15, 30]
+    assert summary["resumed_from"] is None
+
+
+def test_a_gang_the_cluster_cannot_place_is_refused_before_any_work(ray_cluster, experts,
+                                                                    tmp_path, capsys):
+    out = tmp_path / "too-big"
+    assert main(["distill", "--out", str(out), "--experts", str(experts), *LONGER,
+                 "ray.distill_workers=9"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot place a distillation gang of 9 workers of {'CPU': 1.0} each" in err
+    assert "room for 4" in err and not out.exists()
+
+
+def _gang_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+
+
+def _iteration(folder) -> int:
+    from mct_ray import formats
+
+    try:
+        return formats.load_state((folder / "state.safetensors").read_bytes(),
+                                  "s")["distiller"]["iteration"]
+    except Exception:  # not there yet, or being replaced right now
+        return -1
+
+
+def test_a_gang_worker_killed_mid_run_recovers_to_the_same_set(ray_cluster, experts, single,
+                                                               tmp_path, capsys):
+    out = tmp_path / "killed"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
+         "ray.distill_workers=2"])))
+    thread.start()
+    deadline = time.time() + 240
+    while _iteration(out) < 10:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    victims = _gang_workers()
+    assert len(victims) == 2
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive() and result.get("code") == 0
+    summary = printed_json(capsys)
+    a, b = synthetic(single), synthetic(out)
+    assert close(a.images, b.images) and abs(a.step_size - b.step_size) < 1e-6
+    assert [r["iteration"] for r in formats_rows(out)] == [0, 15, 30]
+    assert summary["resumed_from"] >= 10  # the gang was started again, from a checkpoint
