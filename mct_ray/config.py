@@ -49,7 +49,11 @@ def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
 @dataclass(frozen=True)
 class DataConfig:
     name: str = _f("digits", choices=("digits", "mnist", "fashion-mnist", "cifar10", "cifar100",
-                                      "tinyimagenet", "imagefolder", "random"))
+                                      "tinyimagenet", "imagenet-subset", "imagefolder",
+                                      "random"))
+    subset: str = _f("", choices=("", "imagenette", "imagewoof", "imagefruit", "imagemeow",
+                                  "imagesquawk", "imageyellow"),
+                     doc="imagenet-subset: which of MTT's 10-class subsets")
     root: str = _f("data", doc="where data sets are looked for (and downloaded to)")
     download: bool = _f(False)
     resolution: int = _f(0, lo=0, hi=1024, doc="0 keeps the native size")

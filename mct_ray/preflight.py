@@ -11,14 +11,19 @@ of at least two classes.
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
-from mct_ray import layout, starting, zoo
+from mct_ray import footprint, layout, starting, zoo
 from mct_ray.config import check_expert_epochs
 from mct_ray.context import Context
 from mct_ray.errors import ConfigError, DataError
 from mct_ray.pipeline import load_expert, missing_experts_message
 from mct_ray.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def check_run(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
@@ -33,6 +38,8 @@ def check_run(ctx: Context, phases: tuple[str, ...], experts: Storage) -> None:
                     f"{experts.uri_of(layout.expert_name(stored[0]))} has {traj.num_epochs} "
                     f"epochs but expert.epochs is {cfg.expert.epochs}: experts of another "
                     "length cannot be mixed in one folder")
+    if "distill" in phases:
+        report_memory(ctx)
     if "distill" in phases and "experts" not in phases:
         ids = layout.expert_ids(experts, cfg.needs_full)
         if not ids:
@@ -61,3 +68,25 @@ def check_data(ctx: Context, distill: bool = True) -> None:
                 f"('{ctx.data.class_names[smallest]}') of {ctx.data.name} has only "
                 f"{int(counts[smallest])} training images")
         starting.given(ctx)  # a starting-images file: readable, of this data set and ipc
+
+
+def report_memory(ctx: Context) -> None:
+    """The distillation's memory per worker, logged before any work (footprint.estimate);
+    on a GPU that the estimate does not fit, a warning with how many workers would fit."""
+    cfg = ctx.cfg
+    workers = cfg.ray.distill_workers
+    one = footprint.estimate(cfg.distill, ctx.spec, ctx.data.shape, cfg.distill.ipc *
+                             ctx.data.num_classes, 1, ctx.device, ctx.kernels)
+    each = one if workers == 1 else footprint.estimate(
+        cfg.distill, ctx.spec, ctx.data.shape, cfg.distill.ipc * ctx.data.num_classes,
+        workers, ctx.device, ctx.kernels)
+    log.info("distillation memory: about %s on one worker%s (grad_mode=%s, %d steps)", one,
+             f", {each} per worker of ray.distill_workers={workers}" if workers > 1 else "",
+             cfg.distill.grad_mode, cfg.distill.syn_steps)
+    if ctx.device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(torch.device(ctx.device)).total_memory
+        if one.total > have:
+            log.warning("the distillation needs about %s, more than this GPU's %.1f GiB: "
+                        "split it with ray.distill_workers=%d or more (on Ray), or use "
+                        "distill.grad_mode=checkpoint", one, have / 2**30,
+                        math.ceil(one.total / have))

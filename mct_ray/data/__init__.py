@@ -78,6 +78,7 @@ NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": CIFAR10_NORM,
     "cifar100": CIFAR10_NORM,
     "tinyimagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet-subset": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
@@ -178,4 +179,4 @@ LOADERS["random"] = random_splits
 
 def _import_loaders() -> None:
     # The file-format loaders register themselves on import.
-    from mct_ray.data import cifar, folders, idx  # noqa: F401
+    from mct_ray.data import cifar, folders, idx, imagenet  # noqa: F401

@@ -111,7 +111,7 @@ def _decode(path: Path, size: int | None, channels: int) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def _load_images(paths: Sequence[Path], size: int | None, fix: str, channels: int = 3
+def load_images(paths: Sequence[Path], size: int | None, fix: str, channels: int = 3
                  ) -> torch.Tensor:
     """Decode `paths` into (N, channels, H, W) float32 in [0, 1].
 
@@ -197,9 +197,9 @@ def load_tinyimagenet(cfg: DataConfig) -> RawSplits:
     fix = f"Tiny ImageNet images are all 64x64; re-extract {TINY_URL.rsplit('/', 1)[-1]}"
     log.info("loading Tiny ImageNet from %s (%d train, %d test images)", root,
              len(train_files), len(test_files))
-    return RawSplits(_load_images(train_files, None, fix),
+    return RawSplits(load_images(train_files, None, fix),
                      torch.tensor(train_y, dtype=torch.int64),
-                     _load_images(test_files, None, fix),
+                     load_images(test_files, None, fix),
                      torch.tensor([val_labels[p.name] for p in test_files], dtype=torch.int64),
                      _tiny_class_names(root, wnids))
 
@@ -218,7 +218,7 @@ def _class_folders(split: Path) -> list[str]:
     return classes
 
 
-def _folder_split(split: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+def folder_split(split: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     files, labels = [], []
     for c, name in enumerate(classes):
         found = _image_files(split / name)
@@ -240,14 +240,14 @@ def load_imagefolder(cfg: DataConfig) -> RawSplits:
                         f"{root / 'train'}; they differ in: {', '.join(odd)}")
     size = cfg.resolution or None
     fix = "set data.resolution=<n> to resize every image to n x n"
-    train_files, train_y = _folder_split(root / "train", classes)
-    test_files, test_y = _folder_split(root / "val", classes)
+    train_files, train_y = folder_split(root / "train", classes)
+    test_files, test_y = folder_split(root / "val", classes)
     channels = channels_of(train_files + test_files)
     log.info("loading image folder %s (%d classes, %d train, %d test images, %d channel%s)",
              root, len(classes), len(train_files), len(test_files), channels,
              "s" if channels > 1 else "")
-    return RawSplits(_load_images(train_files, size, fix, channels),
+    return RawSplits(load_images(train_files, size, fix, channels),
                      torch.tensor(train_y, dtype=torch.int64),
-                     _load_images(test_files, size, fix, channels),
+                     load_images(test_files, size, fix, channels),
                      torch.tensor(test_y, dtype=torch.int64),
                      tuple(classes))
