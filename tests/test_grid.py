@@ -355,3 +355,12 @@ def test_the_paper_grid_builds_with_a_folder_per_expert_group():
     assert len(set(names)) == len(names) == 6
     assert {"tinyimagenet-ipc1-mct", "tinyimagenet-ipc1-mtt"} <= set(names)
     assert len(grid.cells) == 3 * 3 * 2 * 3
+
+
+def test_a_grid_of_gangs_is_refused_before_any_work(tmp_path, capsys):
+    spec = write_spec(tmp_path, TINY_GRID)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, ["grid", "--spec", spec, "--out", str(out),
+                                  "ray.distill_workers=2"])
+    assert "ray.distill_workers > 1 in" in err and "a grid trial distils on one worker" in err
+    assert not out.exists()

@@ -281,6 +281,11 @@ def run_grid(spec: str | None, overrides: list[str], out: str, resume: bool) -> 
     store = Storage.open(out, check=True)
     RunLock.check_free(store)
     grid = _resolve(store, spec, overrides, resume)
+    gangs = [c.id for c in grid.cells if c.cfg.ray.distill_workers > 1]
+    if gangs:
+        raise ConfigError(f"ray.distill_workers > 1 in {len(gangs)} grid cells ({gangs[0]}, "
+                          "...): a grid trial distils on one worker; run such a cell with "
+                          "`mct-ray run` or `mct-ray distill`")
     contexts = _preflight(grid)
     started_ray, failed, lock = False, {}, None
     try:
