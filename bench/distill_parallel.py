@@ -1,12 +1,18 @@
-"""One distillation iteration on one worker against a gang of two (`ray.distill_workers=2`):
-peak memory per worker, seconds per iteration, and how far the two image gradients agree.
+"""One distillation iteration on one worker against a gang of N (`ray.distill_workers=N`,
+default 2): peak memory per worker, seconds per iteration, and how far the image gradients
+agree.
 
-Each worker is a fresh process with one torch thread, connected to the other by gloo on
-127.0.0.1 (the single worker has no process group: the library's one-worker path). Each
-builds the library's Distiller on two random convex trajectories of the case's network,
-random images and DSA on, and runs one iteration (`Distiller.step`). Memory: the peak
-resident set during the iteration (VmHWM, reset through /proc/self/clear_refs) minus the
-resident set after set-up. Agreement: max |g2 - g1| / max |g1| over the image gradients of
+Each worker is a fresh process (one torch thread on a CPU, one device on GPUs), connected
+to the others by gloo on 127.0.0.1 (NCCL on GPUs); the single worker has no process group:
+the library's one-worker path. Each builds the library's Distiller on two random convex
+trajectories of the case's network, random images and DSA on, and runs one iteration
+(`Distiller.step`) after a first one that builds the optimiser states. Memory, two
+measures in separate runs: tensor bytes, the peak of the bytes held by tensors allocated
+during the iteration (torch.profiler's tracking on a CPU; torch.cuda.max_memory_allocated
+on a GPU), which is what the ratio is taken of; and on a CPU the peak resident set during
+the iteration (VmHWM, reset through /proc/self/clear_refs) minus the resident set before
+it, which also counts what glibc keeps of freed blocks and varies by 10-20 % from run to
+run. Agreement: max |g2 - g1| / max |g1| over the image gradients of
 worker 0 (float32), beside the same measure between one worker and one worker whose images
 are one float32 ulp up (float32 unrolls this long are ill-conditioned: any change of the
 summation order shows at that level; tests/test_shard.py checks equality in float64).
@@ -19,14 +25,17 @@ parameter copies of 1.3 MB each, so N hardly moves it; the seconds scale with N)
     python -m bench.distill_parallel                 # every case, about 15 min on 2 cores
     python -m bench.distill_parallel --cases cifar10
     python -m bench.distill_parallel --quick         # seconds (the tests)
+    python -m bench.distill_parallel --device cuda --workers 4   # on a node with 4 GPUs
 
-Last line: distill_parallel_memory_ratio=<peak per worker with 2 / with 1, CIFAR-10 shape>.
+Last line: distill_parallel_memory_ratio=<peak tensor bytes per worker with N / with 1, the
+first case (the CIFAR-10 shape)>.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import pathlib
 import re
 import socket
@@ -62,7 +71,7 @@ def _kb(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024
 
 
-def build(case: tuple, shard: Shard) -> Distiller:
+def build(case: tuple, shard: Shard, device: str = "cpu") -> Distiller:
     channels, size, classes, depth, ipc, steps, batch, mode = case
     spec = make_spec(NetConfig(width=128 if size > 16 else 16, depth=depth),
                      (channels, size, size), classes)
@@ -77,29 +86,62 @@ def build(case: tuple, shard: Shard) -> Distiller:
     labels = torch.arange(classes).repeat_interleave(ipc)
     cfg = DistillConfig(grad_mode=mode, batch_syn=batch, syn_steps=steps, expert_epochs=2,
                         max_start_epoch=2, lr_img=100.0)
-    return Distiller(spec, trajectories, images, labels, cfg, Augmenter(AugmentConfig()),
-                     seed=0, shard=shard)
+    return Distiller(spec, trajectories, images, labels.to(device), cfg,
+                     Augmenter(AugmentConfig()), seed=0, device=device, shard=shard)
 
 
-def worker(rank: int, world: int, port: int, case: tuple, out: str, nudge: bool) -> None:
+def peak_tensor_bytes(fn) -> int:
+    """The most bytes held by tensors allocated while `fn` runs (torch.profiler's trace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(pathlib.Path(f.name).read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
+def worker(rank: int, world: int, port: int, case: tuple, out: str, probe: str,
+           device: str) -> None:
+    """One worker's iteration; `probe`: rss (with the time and gradient), tensors (the
+    tensor bytes) or nudged (the gradient with the images one ulp up)."""
     torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(minutes=30))
     try:
-        distiller = build(case, Shard.current())
-        if nudge:  # every pixel one float32 ulp up: the noise floor of the comparison
+        distiller = build(case, Shard.current(), device)
+        distiller.step()  # the optimiser states exist before the measured iteration
+        if probe == "nudged":  # every pixel one float32 ulp up: the comparison's noise floor
             with torch.no_grad():
                 distiller.images.copy_(torch.nextafter(distiller.images,
                                                        torch.tensor(float("inf"))))
-        base = _kb("VmRSS")
-        pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        result = {"grad": None}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        elif probe == "rss":
+            base = _kb("VmRSS")
+            pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         started = time.perf_counter()
-        distiller.step()
-        seconds = time.perf_counter() - started
-        torch.save({"extra": _kb("VmHWM") - base, "seconds": seconds,
-                    "grad": distiller.images.grad.clone() if rank == 0 else None},
-                   f"{out}.{rank}")
+        if probe == "tensors" and device != "cuda":
+            result["extra"] = peak_tensor_bytes(distiller.step)
+        else:
+            distiller.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            result["extra"] = torch.cuda.max_memory_allocated() - base
+        elif probe == "rss":
+            result["extra"] = _kb("VmHWM") - base
+        result["seconds"] = time.perf_counter() - started
+        if rank == 0:
+            result["grad"] = distiller.images.grad.cpu().clone()
+        torch.save(result, f"{out}.{rank}")
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -111,10 +153,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(case: tuple, world: int, nudge: bool = False) -> list[dict]:
+def measure(case: tuple, world: int, probe: str, device: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/result"
-        mp.spawn(worker, args=(world, free_port(), case, out, nudge), nprocs=world)
+        mp.spawn(worker, args=(world, free_port(), case, out, probe, device), nprocs=world)
         return [torch.load(f"{out}.{rank}") for rank in range(world)]
 
 
@@ -123,27 +165,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--quick", action="store_true", help="a tiny case only (the tests)")
     parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--workers", type=int, default=2, help="the gang's size (N)")
     args = parser.parse_args(argv)
     cases = QUICK if args.quick else {name: CASES[name] for name in args.cases}
-    rows = []
+    n, rows = args.workers, []
     for name, case in cases.items():
-        one, two, nudged = measure(case, 1), measure(case, 2), measure(case, 1, nudge=True)
-        g1, g2, g1n = one[0]["grad"], two[0]["grad"], nudged[0]["grad"]
-        row = {"case": name, "ipc": case[4], "syn_steps": case[5], "grad_mode": case[7],
-               "peak_mb_1": one[0]["extra"] / 2**20,
-               "peak_mb_2": max(r["extra"] for r in two) / 2**20,
-               "s_per_it_1": one[0]["seconds"], "s_per_it_2": max(r["seconds"] for r in two),
-               "grad_rel_diff": float((g2 - g1).abs().max() / g1.abs().max()),
-               "grad_rel_diff_ulp": float((g1n - g1).abs().max() / g1.abs().max())}
-        row["memory_ratio"] = row["peak_mb_2"] / row["peak_mb_1"]
-        row["speedup"] = row["s_per_it_1"] / row["s_per_it_2"]
+        run = {(w, probe): measure(case, w, probe, args.device) for w in (1, n)
+               for probe in (("rss", "tensors") if args.device == "cpu" else ("rss",))}
+        nudged = measure(case, 1, "nudged", args.device)[0]["grad"]
+        one, many = run[(1, "rss")], run[(n, "rss")]
+        tensors = (run[(1, "tensors")], run[(n, "tensors")]) if args.device == "cpu" \
+            else (one, many)
+        g1, gn = one[0]["grad"], many[0]["grad"]
+        row = {"case": name, "device": args.device, "workers": n, "ipc": case[4],
+               "syn_steps": case[5], "grad_mode": case[7],
+               "tensor_mb_1": tensors[0][0]["extra"] / 2**20,
+               "tensor_mb_n": max(r["extra"] for r in tensors[1]) / 2**20,
+               "rss_mb_1": one[0]["extra"] / 2**20,
+               "rss_mb_n": max(r["extra"] for r in many) / 2**20,
+               "s_per_it_1": one[0]["seconds"], "s_per_it_n": max(r["seconds"] for r in many),
+               "grad_rel_diff": float((gn - g1).abs().max() / g1.abs().max()),
+               "grad_rel_diff_ulp": float((nudged - g1).abs().max() / g1.abs().max())}
+        row["memory_ratio"] = row["tensor_mb_n"] / row["tensor_mb_1"]
+        row["speedup"] = row["s_per_it_1"] / row["s_per_it_n"]
         rows.append(row)
-        print(f"{name}: {row['peak_mb_1']:.0f} MB on one worker, {row['peak_mb_2']:.0f} MB per "
-              f"worker of two ({row['memory_ratio']:.2f}); {row['s_per_it_1']:.2f} s against "
-              f"{row['s_per_it_2']:.2f} s per iteration; gradients agree to "
-              f"{row['grad_rel_diff']:.1e} (one worker against itself with the images one "
-              f"ulp up: {row['grad_rel_diff_ulp']:.1e})", flush=True)
-    save_table("distill_parallel" + ("_quick" if args.quick else ""), rows,
+        print(f"{name}: {row['tensor_mb_1']:.0f} MB of tensors on one worker, "
+              f"{row['tensor_mb_n']:.0f} MB per worker of {n} ({row['memory_ratio']:.2f}; "
+              f"resident {row['rss_mb_1']:.0f} against {row['rss_mb_n']:.0f} MB); "
+              f"{row['s_per_it_1']:.2f} s against {row['s_per_it_n']:.2f} s per iteration; "
+              f"gradients agree to {row['grad_rel_diff']:.1e} (one worker against itself with "
+              f"the images one ulp up: {row['grad_rel_diff_ulp']:.1e})", flush=True)
+    save_table("distill_parallel" + ("_quick" if args.quick else f"_{args.device}"), rows,
                pathlib.Path(args.out) if args.out else RESULTS)
     print_table(rows)
     first = rows[0]["memory_ratio"]

@@ -17,6 +17,10 @@ Steps (each its own process with a time limit; a failed step is recorded and the
                (ray.expert_num_gpus = 1/k), after a warm-up round per k
   end_to_end   `mct-ray run` through Ray with evaluation fan-out (Fashion-MNIST when its
                files are present, else random data of the CIFAR-10 shape)
+  distill_parallel  (on a device with several GPUs) bench/distill_parallel.py: one
+               distillation iteration on one GPU against all of them (NCCL), at the CIFAR-10
+               shape and the ImageNet subsets' 128x128 shape at ipc 10: memory per GPU,
+               seconds per iteration, gradient agreement
 OUT gets one log and one JSON per step, bench tables (parquet) and summary.json; the last
 line printed is `gpu_check=<steps passed>/<steps>`. On a device the steps run one after
 another, each in its own process with a time limit; a dry run proves only the plumbing, so
@@ -58,7 +62,17 @@ UNROLL = {
                                 "--batch-syn", "10", "--modes", "unroll", "--memory"]),
 }
 LIMITS = {"pytest_gpu": 90, "unroll_cifar10": 120, "unroll_tinyimagenet": 120,
-          "unroll_cifar10_builtin": 60, "packing": 90, "end_to_end": 120}
+          "unroll_cifar10_builtin": 60, "packing": 90, "end_to_end": 120,
+          "distill_parallel": 150}
+
+
+def distill_parallel_argv(dry: bool, gpus: int) -> list[str]:
+    """The gang step: on the CPU a tiny case with two gloo workers; on a device all its
+    GPUs (a step only when there are several)."""
+    if dry:
+        return ["-m", "bench.distill_parallel", "--quick"]
+    return ["-m", "bench.distill_parallel", "--device", "cuda", "--workers", str(gpus),
+            "--cases", "cifar10", "imagenet128-ipc10"]
 
 
 def device_info(dry: bool) -> dict:
@@ -243,10 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     on_ray = [("packing", ["-m", "bench.gpu", str(out), "--step", "packing",
                            *(["--dry-run"] if args.dry_run else [])]),
               ("end_to_end", end_to_end_argv(out, args.dry_run))]
+    gpus = 2 if args.dry_run else torch.cuda.device_count()
+    # its own processes in a dry run too: its workers are spawned from its module
+    spawning = [("distill_parallel", distill_parallel_argv(args.dry_run, gpus))] \
+        if gpus > 1 else []
     if args.dry_run:
         steps = dry_run(out, plain + on_ray, env)
     else:
         steps = [run_step(out, n, a, LIMITS[n], env) for n, a in plain + on_ray]
+    steps += [run_step(out, n, a, LIMITS[n], env) for n, a in spawning]
     passed = sum(s["rc"] == 0 for s in steps)
     summary = {"device": info, "steps": steps, "seconds": round(time.monotonic() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -26,12 +26,12 @@ def test_the_device_check_dry_run_passes_every_step(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["step"] for s in summary["steps"]] == [
         "pytest_gpu", "unroll_cifar10", "unroll_tinyimagenet", "unroll_cifar10_builtin",
-        "packing", "end_to_end"]
-    assert proc.stdout.strip().splitlines()[-1].startswith("gpu_check=6/6")
+        "packing", "end_to_end", "distill_parallel"]
+    assert proc.stdout.strip().splitlines()[-1].startswith("gpu_check=7/7")
     assert summary["device"]["peak_fp32_tflops"] > 0
     tables = {p.name for p in (tmp_path / "tables").iterdir()}
     assert {"unroll_speed_cifar10_cpu.parquet", "unroll_speed_tinyimagenet_cpu.parquet",
-            "unroll_speed_cifar10_cpu_builtin.parquet"} <= tables
+            "unroll_speed_cifar10_cpu_builtin.parquet", "distill_parallel_quick.parquet"} <= tables
     assert [r["experts_per_gpu"] for r in json.loads((tmp_path / "packing.json").read_text())
             ] == [1, 2]
     assert (tmp_path / "end_to_end_run" / "summary.json").exists()
