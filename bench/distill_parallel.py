@@ -11,7 +11,7 @@ measures in separate runs: tensor bytes, the peak of the bytes held by tensors a
 during the iteration (torch.profiler's tracking on a CPU; torch.cuda.max_memory_allocated
 on a GPU), which is what the ratio is taken of; and on a CPU the peak resident set during
 the iteration (VmHWM, reset through /proc/self/clear_refs) minus the resident set before
-it, which also counts what glibc keeps of freed blocks and varies by 10-20 % from run to
+it (after malloc_trim), which also counts what glibc keeps of freed blocks and varies by 10-20 % from run to
 run. Agreement: max |g2 - g1| / max |g1| over the image gradients of
 worker 0 (float32), beside the same measure between one worker and one worker whose images
 are one float32 ulp up (float32 unrolls this long are ill-conditioned: any change of the
@@ -34,6 +34,7 @@ first case (the CIFAR-10 shape)>.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import pathlib
@@ -126,6 +127,7 @@ def worker(rank: int, world: int, port: int, case: tuple, out: str, probe: str,
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         elif probe == "rss":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # the warm-up's freed heap handed back
             base = _kb("VmRSS")
             pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         started = time.perf_counter()

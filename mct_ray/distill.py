@@ -187,7 +187,8 @@ class Student:
         The step computes the same bits with and without create_graph (the net's ops run the
         same kernels on both paths, see nets.py), so the recomputing modes replay exactly.
         """
-        if len(plan.indices[self.shard.share(len(plan.indices))]):
+        rows = self.shard.share(len(plan.indices))
+        if rows.stop > rows.start:
             grads = torch.autograd.grad(self.loss(params, images, plan), params,
                                         create_graph=create_graph)
         else:  # no rows for this worker: zeros that depend on the parameters as a gradient

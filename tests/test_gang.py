@@ -65,6 +65,7 @@ def test_a_gang_of_two_gives_the_single_worker_set(ray_cluster, experts, single,
     assert not close(a.images, starting_images(out))  # the sets compared moved
     assert [r["iteration"] for r in formats_rows(out)] == [0, 15, 30]
     assert summary["resumed_from"] is None
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
 
 
 def test_a_gang_the_cluster_cannot_place_is_refused_before_any_work(ray_cluster, experts,

@@ -17,6 +17,8 @@ the driver through a small actor, `Report`.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 
 import ray
@@ -90,19 +92,20 @@ def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: st
     """Run the distillation on a gang of ray.distill_workers workers; its outcome."""
     r = cfg.ray
     report = ray.remote(Report).options(num_cpus=0).remote()
+    name = f"mct-ray-distill-{run_id[:12]}"
+    records = tempfile.mkdtemp(prefix=f"{name}-")  # Train's own records; the run is in out
     trainer = TorchTrainer(
-        gang_worker,
-        train_loop_config={"cfg": cfg, "out": out_uri, "run_id": run_id, "refs": refs,
+        gang_worker,  # Train runs it in its own working directory: the folder as an absolute path
+        train_loop_config={"cfg": cfg, "out": out_uri if "://" in out_uri
+                           else os.path.abspath(out_uri), "run_id": run_id, "refs": refs,
                            "resume": resume, "started": started, "report": report},
         torch_config=TorchConfig(backend="nccl" if r.distill_num_gpus else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=r.distill_workers, use_gpu=r.distill_num_gpus > 0,
             resources_per_worker=workers.needs(cfg)["distillation"],
             placement_strategy=r.distill_placement),
-        run_config=RunConfig(
-            name=f"mct-ray-distill-{run_id[:12]}",
-            storage_path=tempfile.gettempdir(),  # Train's own records; the run is in out_uri
-            failure_config=FailureConfig(max_failures=r.distill_restarts)))
+        run_config=RunConfig(name=name, storage_path=records,
+                             failure_config=FailureConfig(max_failures=r.distill_restarts)))
     lost = ""
     try:
         try:
@@ -112,6 +115,7 @@ def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: st
         value, error = ray.get(report.get.remote())
     finally:
         ray.kill(report)
+        shutil.rmtree(records, ignore_errors=True)
     if error is not None:
         raise error
     if value is None:
