@@ -20,9 +20,9 @@ summation order shows at that level; tests/test_shard.py checks equality in floa
 Cases: the CIFAR-10 shape (ConvNet-128-3, ipc 10, N=30, the whole set per step, unroll) and
 the ImageNet subsets' 128x128 shape (ConvNetD5, ipc 1 and 10, checkpoint, N reduced from
 MTT's 20 to keep this CPU run short: checkpoint mode's memory is one step's graph plus N
-parameter copies of 1.3 MB each, so N hardly moves it; the seconds scale with N).
+parameter copies of 2.3 MB each, so N hardly moves it; the seconds scale with N).
 
-    python -m bench.distill_parallel                 # every case, about 15 min on 2 cores
+    python -m bench.distill_parallel                 # every case, about 20 min on 2 cores
     python -m bench.distill_parallel --cases cifar10
     python -m bench.distill_parallel --quick         # seconds (the tests)
     python -m bench.distill_parallel --device cuda --workers 4   # on a node with 4 GPUs
