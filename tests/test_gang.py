@@ -115,3 +115,21 @@ def test_a_gang_worker_killed_mid_run_recovers_to_the_same_set(ray_cluster, expe
     assert close(a.images, b.images) and abs(a.step_size - b.step_size) < 1e-6
     assert [r["iteration"] for r in formats_rows(out)] == [0, 15, 30]
     assert summary["resumed_from"] >= 10  # the gang was started again, from a checkpoint
+
+
+def test_a_gang_that_fills_every_node_evaluates_in_its_first_worker(ray_cluster, experts,
+                                                                     single, tmp_path, capsys):
+    """Two workers of 2 CPUs take both 2-CPU nodes: no evaluation task could ever start, so
+    worker 0 evaluates in its own process (as a single actor does), with the same numbers."""
+    out = tmp_path / "full"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
+         "ray.distill_workers=2", "ray.distill_num_cpus=2"])), daemon=True)
+    thread.start()
+    thread.join(timeout=400)
+    assert not thread.is_alive() and result.get("code") == 0
+    a, b = synthetic(single), synthetic(out)
+    assert close(a.images, b.images)
+    for r, s in zip(formats_rows(out), formats_rows(single), strict=True):
+        assert r["iteration"] == s["iteration"] and abs(r["acc_mean"] - s["acc_mean"]) < 0.02

@@ -201,15 +201,20 @@ def test_a_ray_address_that_is_not_ray_fails_in_seconds(server, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("path", ["--local", "ray"])
+@pytest.mark.parametrize("path", ["--local", "ray", "gang"])
 def test_sigterm_ends_a_run_at_once_and_frees_the_folder(tmp_path, path):
-    """One line and exit 143 on both paths (ray.init installs a SIGTERM handler of its own,
-    which made the Ray path exit 1 or 134 with stack dumps)."""
+    """One line and exit 143 on every path (ray.init installs a SIGTERM handler of its own,
+    which made the Ray path exit 1 or 134 with stack dumps; Ray Train's wait for a gang let
+    no handler run)."""
     out = tmp_path / "out"
-    local = ["--local"] if path == "--local" else ["ray.num_cpus=2"]
+    local = {"--local": ["--local"], "ray": ["ray.num_cpus=2"],
+             "gang": ["ray.num_cpus=2", "ray.distill_workers=2"]}[path]
     proc = spawn("run", *local, "--out", str(out), *LONG, log=tmp_path / "log")
     if path == "ray":  # mid-run on Ray: its experts are being trained by Ray tasks
         wait_for(lambda: "started a local Ray" in (tmp_path / "log").read_text(), proc)
+    elif path == "gang":  # mid-distillation, on the gang
+        wait_for(lambda: "Started training worker group" in (tmp_path / "log").read_text(),
+                 proc)
     else:
         wait_for(lambda: (out / "state.safetensors").exists(), proc)
     proc.send_signal(signal.SIGTERM)

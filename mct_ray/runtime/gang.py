@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 
 import ray
 import torch
@@ -68,10 +69,12 @@ def gang_worker(config: dict) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())  # "cuda" is then this worker's
     shard = Shard.current()
     refs = config["refs"]
+    nodes = [None] * shard.world  # where the gang holds its shares (none for evaluations)
+    torch.distributed.all_gather_object(nodes, workers.node_id())
     if shard.rank == 0:
         try:
             outcome = workers.DistillWorker(cfg, config["out"], config["run_id"]).run(
-                refs, config["resume"], config["started"])
+                refs, config["resume"], config["started"], nodes)
         except MctRayError as exc:  # ours: the same on a restart, so not retried
             ray.get(config["report"].put.remote(None, exc))
             return
@@ -109,7 +112,7 @@ def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: st
     lost = ""
     try:
         try:
-            trainer.fit()
+            _fit_interruptibly(trainer)
         except TrainingFailedError as exc:  # the last of its attempts failed
             lost = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         value, error = ray.get(report.get.remote())
@@ -124,3 +127,24 @@ def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: st
             f"{r.distill_restarts + 1} times (ray.distill_restarts={r.distill_restarts}"
             f"{': ' + lost if lost else ''}); continue the run with --resume --out {out_uri}")
     return DistillOutcome(**value)
+
+
+def _fit_interruptibly(trainer: TorchTrainer) -> None:
+    """trainer.fit() in a thread: its blocking wait on Train's controller lets no signal
+    handler run, and the main thread must stay free for SIGTERM and Ctrl-C (the command then
+    ends in one line; the gang goes with the driver's Ray or, on a cluster, with the driver)."""
+    done, failed = threading.Event(), []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread as it is
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=fit, name="distillation-gang", daemon=True).start()
+    while not done.wait(0.2):
+        pass
+    if failed:
+        raise failed[0]

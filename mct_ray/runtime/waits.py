@@ -37,13 +37,22 @@ def capacities() -> dict[str, dict]:
     return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 
 
-def fits_a_node(need: dict, held: dict | None = None, here: str | None = None) -> bool:
-    """Whether some node alive now has `need` in all, once `held` is taken from node `here`
-    (work that fits none would wait forever)."""
+def fits_a_node(need: dict, held: dict[str, dict] | None = None) -> bool:
+    """Whether some node alive now has `need` in all, once what `held` names is taken from
+    each node (node id -> resources; work that fits none would wait forever)."""
     held = held or {}
-    return any(all(total.get(k, 0.0) - (held.get(k, 0.0) if node == here else 0.0) >= v
+    return any(all(total.get(k, 0.0) - held.get(node, {}).get(k, 0.0) >= v
                    for k, v in need.items() if v)
                for node, total in capacities().items())
+
+
+def holdings(nodes: list[str], share: dict) -> dict[str, dict]:
+    """node id -> what work holds there, for one `share` per entry of `nodes` (a gang's
+    workers may share a node)."""
+    out: dict[str, dict] = {}
+    for node in nodes:
+        out[node] = {k: out.get(node, {}).get(k, 0.0) + v for k, v in share.items()}
+    return out
 
 
 def copies_fitting(need: dict) -> int:
@@ -64,13 +73,13 @@ def shown_nodes() -> str:
 class Waiting:
     """The start of one piece of work, watched: `poll()` (cheap; call it as often as you
     like) logs a wait of `every_s` and more, once per interval, and raises NeverStarts when
-    no node alive has room for it. `held` on node `here`: what the work that waits for this
-    one holds itself (the distillation, for its evaluations)."""
+    no node alive has room for it. `held`: what the work that waits for this one holds
+    itself, by node (the distillation, for its evaluations)."""
 
-    def __init__(self, what: str, need: dict, every_s: float, held: dict | None = None,
-                 here: str | None = None, then: str = ""):
+    def __init__(self, what: str, need: dict, every_s: float,
+                 held: dict[str, dict] | None = None, then: str = ""):
         self.what, self.need, self.every_s = what, need, every_s
-        self.held, self.here, self.then = held, here, then
+        self.held, self.then = held, then
         self.since = self.last = time.monotonic()
 
     def poll(self) -> None:
@@ -79,7 +88,7 @@ class Waiting:
             return
         self.last = now
         beside = " beside the distillation" if self.held else ""
-        if not fits_a_node(self.need, self.held, self.here):
+        if not fits_a_node(self.need, self.held):
             raise NeverStarts(
                 f"the {self.what} can never start: no node of the Ray cluster has "
                 f"{shown(self.need)}{beside} any more (a node was lost?){self.then}")

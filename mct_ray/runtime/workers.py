@@ -1,7 +1,9 @@
 """What runs on Ray workers: two plain functions and one plain class, made remote by
-`runtime.backend`, and the evaluations' fan-out (used by the loop wherever it runs). Each is a few lines around the core. Workers receive the frozen config
-itself (validated once, on the driver) and the data set and trajectories as object refs to
-numpy arrays, so every process on a node reads one shared copy.
+`runtime.backend` (the class also by `runtime.gang`, in worker 0 of a gang), and the
+evaluations' fan-out (used by the loop wherever it runs). Each is a few lines around the
+core. Workers receive the frozen config itself (validated once, on the driver) and the data
+set and trajectories as object refs to numpy arrays, so every process on a node reads one
+shared copy.
 """
 
 from __future__ import annotations
@@ -72,11 +74,11 @@ class RayEval:
 
 class RayEvals:
     """Puts each snapshot in the object store and fans out eval.num_eval networks on it.
-    `beside`: the node of the distillation that waits for them (its share is not theirs);
-    `then`: what a person does when they can never start."""
+    `beside`: what the distillation that waits for them holds, by node (its share is not
+    theirs); `then`: what a person does when they can never start."""
 
-    def __init__(self, cfg: Config, data_ref: ray.ObjectRef, beside: str | None = None,
-                 then: str = ""):
+    def __init__(self, cfg: Config, data_ref: ray.ObjectRef,
+                 beside: dict[str, dict] | None = None, then: str = ""):
         r = cfg.ray
         self.cfg, self.data_ref, self.beside, self.then = cfg, data_ref, beside, then
         self.task = ray.remote(announced).options(
@@ -88,13 +90,12 @@ class RayEvals:
         `model`."""
         snapshot = ray.put(synthetic_to_numpy(syn))
         need = needs(self.cfg)
-        held = need["distillation"] if self.beside else None
         n, name = self.cfg.eval.num_eval, model or self.cfg.net.name
         return RayEval([Launched(
             self.task.remote(evaluate_task, self.cfg, self.data_ref, snapshot, tag, i, model),
             Waiting(f"evaluation {i + 1} of {n} ({name}) of {SETS.get(tag, tag)} at "
                     f"iteration {syn.iteration}", need["evaluation"], self.cfg.ray.start_wait_s,
-                    held, self.beside, self.then))
+                    self.beside, self.then))
             for i in range(n)])
 
 
@@ -116,11 +117,10 @@ def needs(cfg: Config) -> dict[str, dict]:
             "evaluation": {"CPU": r.eval_num_cpus, "GPU": r.eval_num_gpus}}
 
 
-def room_for_evaluation(cfg: Config, here: str) -> bool:
-    """Whether some node can run an evaluation while the distillation holds its share of
-    node `here`."""
-    need = needs(cfg)
-    return waits.fits_a_node(need["evaluation"], need["distillation"], here)
+def room_for_evaluation(cfg: Config, held: dict[str, dict]) -> bool:
+    """Whether some node can run an evaluation while the distillation holds `held` (by
+    node)."""
+    return waits.fits_a_node(needs(cfg)["evaluation"], held)
 
 
 class DistillWorker:
@@ -137,18 +137,21 @@ class DistillWorker:
         configure_logging()
         self.cfg, self.store, self.run_id = cfg, Storage.open(out_uri), run_id
 
-    def run(self, refs: dict, resume: bool, started: float) -> dict:
+    def run(self, refs: dict, resume: bool, started: float,
+            gang_nodes: list[str] | None = None) -> dict:
         """`refs`: {"data": ref, "experts": [ref, ...]}; refs inside a container reach the
-        actor unresolved, so it (not Ray's argument passing) decides when to map them."""
+        actor unresolved, so it (not Ray's argument passing) decides when to map them.
+        `gang_nodes`: in a gang, the node of each worker (each holds a distillation share)."""
         ctx = Context.from_data(self.cfg, data_from_numpy(ray.get(refs["data"])),
                                 self.cfg.ray.distill_num_cpus)
         restarted = checkpoint_run_id(self.store) == self.run_id
         if restarted:
             log.warning("distillation actor restarted: resuming from its last checkpoint")
-        submit = RayEvals(self.cfg, refs["data"], node_id(),
+        held = waits.holdings(gang_nodes or [node_id()], needs(self.cfg)["distillation"])
+        submit = RayEvals(self.cfg, refs["data"], held,
                           f"; add such a node and continue with --resume --out "
                           f"{self.store.uri}").submit
-        if not room_for_evaluation(self.cfg, node_id()):
+        if not room_for_evaluation(self.cfg, held):
             log.warning("no node of the cluster has room for an evaluation (%s) beside the "
                         "distillation: evaluating in the distillation's own process",
                         needs(self.cfg)["evaluation"])
