@@ -78,9 +78,13 @@ def test_a_gang_the_cluster_cannot_place_is_refused_before_any_work(ray_cluster,
     assert "room for 4" in err and not out.exists()
 
 
-def _gang_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+def _gang_workers(cluster) -> list[psutil.Process]:
+    """The Ray Train workers of this test cluster (children of its raylets), not of any
+    other Ray on the machine."""
+    raylets = {info.process.pid for node in [cluster.head_node, *cluster.worker_nodes]
+               for info in node.all_processes.get("raylet", [])}
+    return [p for p in psutil.process_iter(["cmdline", "ppid"]) if p.info["ppid"] in raylets
+            and any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
 
 
 def _iteration(folder) -> int:
@@ -105,7 +109,7 @@ def test_a_gang_worker_killed_mid_run_recovers_to_the_same_set(ray_cluster, expe
     while _iteration(out) < 10:
         assert time.time() < deadline and thread.is_alive()
         time.sleep(0.05)
-    victims = _gang_workers()
+    victims = _gang_workers(ray_cluster)
     assert len(victims) == 2
     os.kill(victims[-1].pid, signal.SIGKILL)
     thread.join(timeout=400)
