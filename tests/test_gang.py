@@ -137,3 +137,64 @@ def test_a_gang_that_fills_every_node_evaluates_in_its_first_worker(ray_cluster,
     assert close(a.images, b.images)
     for r, s in zip(formats_rows(out), formats_rows(single), strict=True):
         assert r["iteration"] == s["iteration"] and abs(r["acc_mean"] - s["acc_mean"]) < 0.02
+
+
+def test_losing_the_gangs_node_restarts_it_elsewhere_with_the_same_set(ray_cluster, experts,
+                                                                       single, tmp_path,
+                                                                       capsys):
+    """Both workers on a node that dies (its processes killed, as a SIGKILLed raylet): Ray
+    Train starts the gang again on the nodes left, from the last checkpoint."""
+    from tests.test_runtime import _hold_every_cpu_but
+
+    victim = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+    ray_cluster.wait_for_nodes()
+    holders = _hold_every_cpu_but(victim.node_id)  # so the gang can only start there
+    out = tmp_path / "lost"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
+         "ray.distill_workers=2"])), daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 240
+        while _iteration(out) < 10:
+            assert time.time() < deadline and thread.is_alive()
+            time.sleep(0.05)
+    finally:
+        for h in holders:
+            ray.kill(h)
+    ray_cluster.remove_node(victim, allow_graceful=False)
+    thread.join(timeout=400)
+    assert not thread.is_alive() and result.get("code") == 0
+    assert printed_json(capsys)["resumed_from"] >= 10
+    assert close(synthetic(single).images, synthetic(out).images)
+
+
+def test_an_error_of_worker_0_alone_ends_the_gang_at_once(ray_cluster, experts, tmp_path,
+                                                          capsys):
+    """Worker 0 cannot write its checkpoint any more (a folder stands where the file goes):
+    the command ends with that one-line error, not after the others' collective times out,
+    and the gang is not restarted for it."""
+    out = tmp_path / "unwritable"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
+         "ray.distill_workers=2"])), daemon=True)
+    thread.start()
+    deadline = time.time() + 240
+    while _iteration(out) < 5:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    blocked = out / "last.safetensors"
+    while not blocked.is_dir():  # worker 0 may replace the file meanwhile: until it holds
+        try:
+            blocked.unlink(missing_ok=True)
+            (blocked / "inside").mkdir(parents=True)
+        except OSError:
+            pass
+    started = time.time()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and result.get("code") not in (0, None)
+    assert time.time() - started < 120
+    err = capsys.readouterr().err
+    assert "last.safetensors" in err.strip().splitlines()[-1]

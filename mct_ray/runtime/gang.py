@@ -77,6 +77,8 @@ def gang_worker(config: dict) -> None:
                 refs, config["resume"], config["started"], nodes)
         except MctRayError as exc:  # ours: the same on a restart, so not retried
             ray.get(config["report"].put.remote(None, exc))
+            # the others may wait in a collective for this worker: closing the group ends it
+            torch.distributed.destroy_process_group()
             return
         ray.get(config["report"].put.remote(outcome))
         return
@@ -88,6 +90,10 @@ def gang_worker(config: dict) -> None:
         follow_distillation(ctx, make_distiller(ctx, trajectories))
     except MctRayError:
         return  # worker 0 met it too, and reports it
+    except Exception:
+        if ray.get(config["report"].get.remote())[1] is not None:
+            return  # worker 0 ended on an error of ours and closed the group: not a fault
+        raise
 
 
 def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: str,
