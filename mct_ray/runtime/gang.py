@@ -26,6 +26,7 @@ import ray
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mct_ray.config import Config
 from mct_ray.context import Context
@@ -100,7 +101,9 @@ def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: st
                  started: float) -> DistillOutcome:
     """Run the distillation on a gang of ray.distill_workers workers; its outcome."""
     r = cfg.ray
-    report = ray.remote(Report).options(num_cpus=0).remote()
+    here = ray.get_runtime_context().get_node_id()  # with the driver: lost only with it
+    report = ray.remote(Report).options(num_cpus=0, scheduling_strategy=(
+        NodeAffinitySchedulingStrategy(here, soft=False))).remote()
     name = f"mct-ray-distill-{run_id[:12]}"
     records = tempfile.mkdtemp(prefix=f"{name}-")  # Train's own records; the run is in out
     trainer = TorchTrainer(
