@@ -19,7 +19,8 @@ from mct_ray.cli import main
 from mct_ray.config import load_config
 from mct_ray.context import Context
 from tests.conftest import TINY
-from tests.test_runtime import formats_rows, printed_json, run_json, synthetic
+from tests.test_runtime import (_hold_every_cpu_but, _wait_for_iteration, formats_rows,
+                                printed_json, run_json, synthetic)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -87,28 +88,22 @@ def _gang_workers(cluster) -> list[psutil.Process]:
             and any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
 
 
-def _iteration(folder) -> int:
-    from mct_ray import formats
-
-    try:
-        return formats.load_state((folder / "state.safetensors").read_bytes(),
-                                  "s")["distiller"]["iteration"]
-    except Exception:  # not there yet, or being replaced right now
-        return -1
+def _gang_in_thread(out, experts, *extra: str) -> tuple[threading.Thread, dict]:
+    """`mct-ray distill` of LONGER on a gang of two, in a thread; its exit code lands in the
+    dict."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=main(
+        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
+         "ray.distill_workers=2", *extra])), daemon=True)
+    thread.start()
+    return thread, result
 
 
 def test_a_gang_worker_killed_mid_run_recovers_to_the_same_set(ray_cluster, experts, single,
                                                                tmp_path, capsys):
     out = tmp_path / "killed"
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
-         "ray.distill_workers=2"])))
-    thread.start()
-    deadline = time.time() + 240
-    while _iteration(out) < 10:
-        assert time.time() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    thread, result = _gang_in_thread(out, experts)
+    _wait_for_iteration(out, thread, 10, timeout=240)
     victims = _gang_workers(ray_cluster)
     assert len(victims) == 2
     os.kill(victims[-1].pid, signal.SIGKILL)
@@ -126,11 +121,7 @@ def test_a_gang_that_fills_every_node_evaluates_in_its_first_worker(ray_cluster,
     """Two workers of 2 CPUs take both 2-CPU nodes: no evaluation task could ever start, so
     worker 0 evaluates in its own process (as a single actor does), with the same numbers."""
     out = tmp_path / "full"
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
-         "ray.distill_workers=2", "ray.distill_num_cpus=2"])), daemon=True)
-    thread.start()
+    thread, result = _gang_in_thread(out, experts, "ray.distill_num_cpus=2")
     thread.join(timeout=400)
     assert not thread.is_alive() and result.get("code") == 0
     a, b = synthetic(single), synthetic(out)
@@ -144,22 +135,13 @@ def test_losing_the_gangs_node_restarts_it_elsewhere_with_the_same_set(ray_clust
                                                                        capsys):
     """Both workers on a node that dies (its processes killed, as a SIGKILLed raylet): Ray
     Train starts the gang again on the nodes left, from the last checkpoint."""
-    from tests.test_runtime import _hold_every_cpu_but
-
     victim = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
     ray_cluster.wait_for_nodes()
     holders = _hold_every_cpu_but(victim.node_id)  # so the gang can only start there
     out = tmp_path / "lost"
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
-         "ray.distill_workers=2"])), daemon=True)
-    thread.start()
+    thread, result = _gang_in_thread(out, experts)
     try:
-        deadline = time.time() + 240
-        while _iteration(out) < 10:
-            assert time.time() < deadline and thread.is_alive()
-            time.sleep(0.05)
+        _wait_for_iteration(out, thread, 10, timeout=240)
     finally:
         for h in holders:
             ray.kill(h)
@@ -176,15 +158,8 @@ def test_an_error_of_worker_0_alone_ends_the_gang_at_once(ray_cluster, experts, 
     the command ends with that one-line error, not after the others' collective times out,
     and the gang is not restarted for it."""
     out = tmp_path / "unwritable"
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(experts), *LONGER,
-         "ray.distill_workers=2"])), daemon=True)
-    thread.start()
-    deadline = time.time() + 240
-    while _iteration(out) < 5:
-        assert time.time() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    thread, result = _gang_in_thread(out, experts)
+    _wait_for_iteration(out, thread, 5, timeout=240)
     blocked = out / "last.safetensors"
     while not blocked.is_dir():  # worker 0 may replace the file meanwhile: until it holds
         try:
