@@ -41,8 +41,10 @@ def cell(args: tuple) -> list[dict]:
     from mct_ray.config import load_config
     from mct_ray.context import Context
     from mct_ray.loop import run_distillation
-    from mct_ray.pipeline import (LocalBackend, iterations_to_within, load_experts, make_distiller,
-                                  second_half_spread, train_missing_experts)
+    from mct_ray.context import Launch
+    from mct_ray.experts import load_experts
+    from mct_ray.pipeline import LocalBackend, make_distiller, train_missing_experts
+    from mct_ray.records import iterations_to_within, second_half_spread
     from mct_ray.storage import Storage
 
     torch.set_num_threads(1)
@@ -60,13 +62,14 @@ def cell(args: tuple) -> list[dict]:
         store = Storage.open(f"{workdir}/{method}-{ipc}-{seed}")
         trajs = load_experts(experts, mctx.spec, full=method == "mtt")
         outcome = run_distillation(mctx, store, make_distiller(mctx, trajs),
-                                   LocalBackend(mctx).submit_eval, False, "", time.time())
-        curve = outcome.rows
+                                   LocalBackend(mctx).submit_eval,
+                                   Launch(experts, False, "", time.time()))
+        curve = [(r.iteration, r.acc_mean) for r in outcome.rows]
         rows.append({"method": method, "ipc": ipc, "seed": seed,
-                     "best_acc": max(r["acc_mean"] for r in curve),
+                     "best_acc": max(acc for _, acc in curve),
                      "iters_to_2pts": iterations_to_within(curve),
                      "second_half_std": second_half_spread(curve),
-                     "curve": [(r["iteration"], r["acc_mean"]) for r in curve]})
+                     "curve": curve})
     return rows
 
 

@@ -23,11 +23,13 @@ import ray
 
 from bench.common import print_table, save_table
 from bench.ray_common import bar_png, digits, median, start_ray, train_experts
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.loop import run_distillation
+from mct_ray.records import DistillOutcome
 from mct_ray.pipeline import make_distiller
 from mct_ray.runtime import workers
 from mct_ray.runtime.codec import data_from_numpy, trajectory_from_numpy
+from mct_ray.storage import Storage
 
 
 def measure(cfg, data_ref, refs: list, out: str, copy: bool) -> dict:
@@ -35,8 +37,9 @@ def measure(cfg, data_ref, refs: list, out: str, copy: bool) -> dict:
         refs = [ray.put({k: (np.array(v) if isinstance(v, np.ndarray) else v)
                          for k, v in ray.get(r).items()}) for r in refs]
     actor = ray.remote(CopyingDistiller if copy else MeasuredDistiller).options(
-        num_cpus=1).remote(cfg, out, "mem")
-    ray.get(actor.run.remote({"data": data_ref, "experts": refs}, False, time.time()))
+        num_cpus=1).remote(cfg, out)
+    ray.get(actor.run.remote({"data": data_ref, "experts": refs},
+                             Launch(Storage.open(out), False, "mem", time.time())))
     memory = ray.get(actor.memory.remote())
     ray.kill(actor)
     return memory
@@ -48,15 +51,14 @@ class MeasuredDistiller(workers.DistillWorker):
     after the run, so that `memory` counts what the actor holds while it distils; plus
     `memory` itself."""
 
-    def run(self, refs: dict, resume: bool, started: float) -> dict:
+    def run(self, refs: dict, launch: Launch) -> DistillOutcome:
         self.ctx = Context.from_data(self.cfg, data_from_numpy(ray.get(refs["data"])),
                                      self.cfg.ray.distill_num_cpus)
         self.trajectories = self.load_trajectories(ray.get(refs["experts"]))
         outcome = run_distillation(self.ctx, self.store,
                                    make_distiller(self.ctx, self.trajectories),
-                                   workers.RayEvals(self.cfg, refs["data"]).submit,
-                                   resume, self.run_id, started)
-        return vars(outcome)
+                                   workers.RayEvals(self.cfg, refs["data"]).submit, launch)
+        return outcome
 
     def load_trajectories(self, values: list[dict]) -> list:
         return [trajectory_from_numpy(d, self.ctx.spec, self.cfg.needs_full) for d in values]

@@ -20,7 +20,7 @@ import ray
 
 from bench.common import print_table, save_table
 from bench.ray_common import bar_png, digits, median, start_ray, train_experts
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.distill import Distiller
 from mct_ray.evaluate import EvalResult
 from mct_ray.loop import Finished, run_distillation
@@ -54,7 +54,8 @@ class BenchDistiller(workers.DistillWorker):
     running the library's loop with the evaluation fan-out on or off."""
 
     def __init__(self, cfg, refs: dict, out_uri: str, run_id: str):
-        super().__init__(cfg, out_uri, run_id)
+        super().__init__(cfg, out_uri)
+        self.run_id = run_id
         self.data_ref = refs["data"]
         self.ctx = Context.from_data(cfg, data_from_numpy(ray.get(self.data_ref)),
                                      cfg.ray.distill_num_cpus)
@@ -66,8 +67,8 @@ class BenchDistiller(workers.DistillWorker):
         submit = self.evals.submit if evaluate else drop
         distiller = make_distiller(self.ctx, self.trajectories)
         t = time_steps(distiller)
-        outcome = run_distillation(self.ctx, self.store, distiller, submit, False,
-                                   self.run_id, time.time())
+        outcome = run_distillation(self.ctx, self.store, distiller, submit,
+                                   Launch(self.store, False, self.run_id, time.time()))
         return {"rate": (len(t) - 1) / (t[-1] - t[0]),
                 "evaluations": len(outcome.rows) if evaluate else 0}
 

@@ -46,7 +46,7 @@ from mct_ray.distill import Distiller  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.experts import train_expert  # noqa: E402
 from mct_ray.nets import make_spec  # noqa: E402
-from mct_ray.pipeline import iterations_to_within, second_half_spread  # noqa: E402
+from mct_ray.records import iterations_to_within, second_half_spread  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
 from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
 
@@ -246,6 +246,10 @@ def cross_table(cross: list[dict]) -> list[dict]:
     return out
 
 
+def pairs(curve: list[dict]) -> list[tuple[int, float]]:
+    return [(r["iteration"], r["acc_mean"]) for r in curve]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
     keys = sorted({(r["ipc"], r["variant"]) for r in rows if r["variant"] != RANDOM_DRAWS},
@@ -264,8 +268,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             "best": 100 * statistics.fmean(best),
             "best_std": 100 * statistics.pstdev(best) if len(best) > 1 else 0.0,
             "at_100": 100 * statistics.fmean(at100) if at100 else float("nan"),
-            "iters_within_2": statistics.fmean(iterations_to_within(c) for c in runs.values()),
-            "spread_2nd_half": 100 * statistics.fmean(second_half_spread(c)
+            "iters_within_2": statistics.fmean(iterations_to_within(pairs(c))
+                                               for c in runs.values()),
+            "spread_2nd_half": 100 * statistics.fmean(second_half_spread(pairs(c))
                                                       for c in runs.values()),
             "s_per_iter": statistics.fmean(max(r["seconds"] for r in c) / c[-1]["iteration"]
                                            for c in runs.values()),

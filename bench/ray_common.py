@@ -16,7 +16,7 @@ from bench.common import RESULTS  # noqa: E402
 from mct_ray.config import Config, load_config  # noqa: E402
 from mct_ray.context import Context  # noqa: E402
 from mct_ray.pipeline import train_missing_experts  # noqa: E402
-from mct_ray.runtime.backend import RayBackend  # noqa: E402
+from mct_ray.runtime.backend import RayBackend, expert_refs  # noqa: E402
 from mct_ray.storage import Storage  # noqa: E402
 
 
@@ -35,9 +35,11 @@ def digits(overrides: list[str]) -> tuple[Config, Context, RayBackend]:
 
 def train_experts(ctx: Context, backend: RayBackend, out: str) -> list[ray.ObjectRef]:
     """Train the config's experts as Ray tasks, saving each into `out` as it finishes (the
-    library's `train_missing_experts`); their trajectories' refs, in id order."""
-    train_missing_experts(ctx, Storage.open(out), backend)
-    return [backend.trained[i] for i in sorted(backend.trained)]
+    library's `train_missing_experts`); their trajectories' refs, in id order (put by the
+    driver, as the library's Ray backend puts them)."""
+    store = Storage.open(out)
+    train_missing_experts(ctx, store, backend)
+    return expert_refs(store, ctx.spec, ctx.cfg.needs_full)
 
 
 def median(values: list[float]) -> float:

@@ -6,10 +6,8 @@ Exit codes: 0 success; 2 bad input (one line on stderr, no traceback); 1 anythin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -17,11 +15,11 @@ import time
 import uuid
 
 from mct_ray import layout, pipeline, plan, preflight, runfolder
+from mct_ray.runtime import shell
 from mct_ray.config import Config, load_config
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.errors import ConfigError, MctRayError
 from mct_ray.progress import configure_logging
-from mct_ray.runfolder import RunLock
 from mct_ray.storage import Storage, parent_and_name
 
 log = logging.getLogger("mct_ray")
@@ -82,68 +80,51 @@ COMMAND_PHASES = {"run": ("experts", "distill"), "experts": ("experts",),
                   "distill": ("distill",), "eval": ()}
 
 
-@contextlib.contextmanager
-def _backend(ctx: Context, local: bool, phases: tuple[str, ...] = ()):
-    """This process, or Ray: the cluster of RAY_ADDRESS or one started for this command
-    (shut down after it), checked to have room for the phases' work. A project error
-    raised on a worker comes back as itself."""
-    if local:
-        yield pipeline.LocalBackend(ctx)
-        return
-    import ray
-
-    from mct_ray.runtime.backend import RayBackend, check_room
-    from mct_ray.runtime.cluster import connect, disconnect, unwrap
-
-    started_ray = False
-    try:
-        started_ray = connect(ctx.cfg.ray)
-        check_room(ctx.cfg, phases)
-        yield RayBackend(ctx)
-    except ray.exceptions.RayTaskError as exc:
-        raise unwrap(exc) from None
-    finally:
-        disconnect(started_ray)
-
-
 def run_command(args: argparse.Namespace) -> dict:
     """Check everything that can be checked, take the run folder, then run the command's
-    phases on the chosen backend. Nothing is written before the checks pass, the cluster's
-    included (the folder check is repeated under the lock: another writer may have finished
-    meanwhile)."""
+    phases on the chosen backend (`shell` says what is checked and written when). The
+    folder check is repeated under the lock: another writer may have finished meanwhile."""
     started = time.time()
     cfg = _config(args)
     args.out = cfg.run.out
     phases = COMMAND_PHASES[args.command]
-    if not args.local:
-        _ray_environment()
-        from mct_ray.runtime.cluster import check_address
-
-        check_address()
-    store = Storage.open(cfg.run.out, check=True)
+    store = shell.output(cfg.run.out, args.local)
     given = getattr(args, "experts", None)
     experts = Storage.open(given) if given else store
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
-    RunLock.check_free(store)
     runfolder.guard(store, cfg, phases, resume, overwrite, experts_here=not given)
     ctx = Context.build(cfg)
     preflight.check_run(ctx, phases, experts)
-    with _backend(ctx, args.local, phases) as backend:
-        lock = RunLock.acquire(store, args.command)  # the first write to the output location
-        try:
-            runfolder.guard(store, cfg, phases, resume, overwrite, experts_here=not given)
-            if args.command == "eval":
-                source, name = _synthetic_source(store, args.synthetic)
-                return pipeline.evaluate_saved(ctx, store, backend, source, name)
-            if overwrite:
-                runfolder.clear(store, phases, experts_here=not given)
-            store.write_json(layout.CONFIG, cfg.to_dict())
-            missing = len(pipeline.missing_experts(ctx, experts)) if "experts" in phases else 0
-            log.info("%s", plan.estimate(ctx, phases, missing).describe())
-            return pipeline.run(ctx, store, backend, experts, phases, resume,
-                                uuid.uuid4().hex, started)
-        finally:
-            lock.release()
+    with shell.session(store, args.command, None if args.local else cfg.ray,
+                       lambda own_ray: _check_room(cfg, phases)):
+        backend = _backend(ctx, args.local)
+        runfolder.guard(store, cfg, phases, resume, overwrite, experts_here=not given)
+        if args.command == "eval":
+            source, name = _synthetic_source(store, args.synthetic)
+            return pipeline.evaluate_saved(ctx, store, backend, source, name)
+        if overwrite:
+            runfolder.clear(store, phases, experts_here=not given)
+        store.write_json(layout.CONFIG, cfg.to_dict())
+        missing = len(pipeline.missing_experts(ctx, experts)) if "experts" in phases else 0
+        log.info("%s", plan.estimate(ctx, phases, missing).describe())
+        return pipeline.run(ctx, store, backend, phases,
+                            Launch(experts, resume, uuid.uuid4().hex, started)).to_dict()
+
+
+def _check_room(cfg: Config, phases: tuple[str, ...]) -> None:
+    """Each phase's work fits some node of the cluster the session joined."""
+    from mct_ray.runtime.backend import check_room
+
+    check_room(cfg, phases)
+
+
+def _backend(ctx: Context, local: bool) -> pipeline.Backend:
+    """This process, or the Ray the session connected to."""
+    if local:
+        return pipeline.LocalBackend(ctx)
+    from mct_ray.runtime.backend import RayBackend
+
+    return RayBackend(ctx)
 
 
 def _synthetic_source(store: Storage, synthetic: str | None) -> tuple[Storage, str]:
@@ -154,15 +135,8 @@ def _synthetic_source(store: Storage, synthetic: str | None) -> tuple[Storage, s
     return Storage.open(folder), name
 
 
-def _ray_environment() -> None:
-    if not os.environ.get("RAY_ADDRESS"):
-        # A Ray started for one command serves only this machine: keep it on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
 def cmd_grid(args: argparse.Namespace):
     """The grid, always on Ray (Tune); its summary table is printed before the JSON."""
-    _ray_environment()
     from mct_ray.runtime.grid import run_grid
 
     if args.resume and not args.out:

@@ -300,6 +300,32 @@ def first_difference(a: dict, b: dict, skip: Callable[[str], bool] = lambda key:
     return None
 
 
+# What an expert depends on: two configs that agree on these train the same expert i. How
+# many experts a folder holds and whether every epoch is kept too change no expert.
+EXPERT_KEYS = ("seed", "data.", "net.", "augment.", "expert.")
+EXPERT_FREE = ("expert.num_experts", "expert.keep_full")
+
+
+def shapes_experts(key: str, count: bool = False) -> bool:
+    """Whether a dotted config key is one the experts depend on (with `count`, or says how
+    many there are)."""
+    return (key.startswith(EXPERT_KEYS) and not key.startswith(EXPERT_FREE)) or (
+        count and key == "expert.num_experts")
+
+
+def experts_key(cfg: Config, count: bool = False) -> str:
+    """The values its experts depend on (with `count`, and their number) as one string:
+    configs with equal keys train the same experts."""
+    flat = flatten(json.loads(json.dumps(cfg.to_dict())))
+    return json.dumps({k: v for k, v in flat.items() if shapes_experts(k, count)},
+                      sort_keys=True)
+
+
+def experts_difference(a: dict, b: dict, count: bool = False) -> tuple[str, Any, Any] | None:
+    """`first_difference` in what the experts depend on (with `count`, or their number)."""
+    return first_difference(a, b, lambda key: not shapes_experts(key, count))
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():

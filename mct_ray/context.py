@@ -1,5 +1,6 @@
 """The run context: what every phase needs, built once from the config (the data, the
-network description, the augmenter, the device and the ConvNet's kernels on it)."""
+network description, the augmenter, the device and the ConvNet's kernels on it); and the
+launch: what one command brings to a run folder beside it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mct_ray.config import Config
 from mct_ray.data import ImageData, load_data
 from mct_ray.errors import DataError
 from mct_ray.nets import NetSpec, make_spec, resolve_kernels
+from mct_ray.storage import Storage
 
 
 @dataclass
@@ -56,3 +58,15 @@ def setup_torch(cfg: Config, num_cpus: float = 0) -> str:
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
     return device
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One command's work on a run: the folder holding (or receiving) its experts, whether
+    it continues the run its folder holds, its id (unique per command: a restarted worker
+    finds its own run's checkpoint by it) and when it started (time.time())."""
+
+    experts: Storage
+    resume: bool
+    run_id: str
+    started: float

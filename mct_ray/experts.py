@@ -1,4 +1,5 @@
-"""Train one expert on real data and return its convex trajectory (and, optionally, the full one).
+"""Train one expert on real data and return its convex trajectory (and, optionally, the full one);
+store experts in a run folder and load them back.
 
 Only the per-epoch, per-tensor step norms ||theta_l(k+1) - theta_l(k)|| are accumulated
 (paper sec. 4.1): the previous epoch's parameters are the one copy kept, so memory does not
@@ -13,19 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
+from mct_ray import formats, layout
 from mct_ray.augment import Augmenter
 from mct_ray.config import ExpertConfig
 from mct_ray.data import ImageData
+from mct_ray.errors import DataError
 from mct_ray.nets import NetSpec
 from mct_ray.progress import Progress
 from mct_ray.rng import derive_seed, generator
+from mct_ray.storage import Storage
 from mct_ray.training import accuracy, train_epoch
-from mct_ray.trajectory import (
-    ConvexTrajectory,
-    FullTrajectory,
-    beta_from_step_norms,
-    flatten,
-)
+from mct_ray.trajectory import (ConvexTrajectory, FullTrajectory, Trajectory, beta_from_step_norms,
+                                flatten)
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +110,34 @@ def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augment
                               beta_from_step_norms(step_norms).float(), info)
     full = FullTrajectory(spec, torch.stack(checkpoints), info) if cfg.keep_full else None
     return ExpertResult(expert_id, convex, full, theta_seed, acc)
+
+
+# ---------------------------------------------------------------------------------------
+# An experts folder.
+
+def save_expert(store: Storage, result: ExpertResult, store_init_as_seed: bool) -> None:
+    seed = result.init_seed if store_init_as_seed else None
+    store.write_bytes(layout.expert_name(result.expert_id),
+                      formats.save_trajectory(result.convex, init_seed=seed))
+    if result.full is not None:
+        store.write_bytes(layout.expert_name(result.expert_id, full=True),
+                          formats.save_trajectory(result.full))
+
+
+def load_expert(store: Storage, expert_id: int, spec: NetSpec, full: bool) -> Trajectory:
+    name = layout.expert_name(expert_id, full)
+    return formats.load_trajectory(store.read_bytes(name), store.uri_of(name), spec)
+
+
+def load_experts(store: Storage, spec: NetSpec, full: bool) -> list[Trajectory]:
+    """Every expert of a run folder: convex files (MCT) or full ones (MTT)."""
+    ids = layout.expert_ids(store, full)
+    if not ids:
+        raise DataError(missing_experts_message(store, full))
+    return [load_expert(store, i, spec, full) for i in ids]
+
+
+def missing_experts_message(store: Storage, full: bool) -> str:
+    kind = "full (MTT) trajectories; train experts with expert.keep_full=true" if full \
+        else "expert trajectories; run `mct-ray experts` first"
+    return f"no {kind} under {store.uri_of(layout.EXPERTS)}"

@@ -33,7 +33,6 @@ This module builds and checks the cells and renders the results (table, plot);
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import statistics
 from collections import defaultdict
@@ -44,12 +43,11 @@ from typing import Any
 import yaml
 
 from mct_ray import zoo
-from mct_ray.config import (METHODS, Config, first_difference, flatten, is_config_file,
-                            load_config, parse_overrides)
+from mct_ray.config import (METHODS, Config, experts_key, first_difference, flatten,
+                            is_config_file, load_config, parse_overrides)
 from mct_ray.errors import ConfigError, FormatError
 
 CELL_KEYS = ("seed", "distill.ipc", "distill.method", "run.out", "recipe")
-EXPERT_SECTIONS = ("data", "net", "augment", "expert")
 SPEC_KEYS = {"datasets", "methods", "seeds", "method_overrides", "overrides", "expert_seed",
              "eval_workers", "description"}
 DATASET_KEYS = {"recipe", "ipc", "overrides", "method_overrides"}
@@ -219,9 +217,10 @@ def parse_spec(text: str, name: str) -> dict:
 # ---------------------------------------------------------------------------------------
 # Cells and expert groups.
 
-def _expert_key(cfg: Config) -> str:
-    d = cfg.to_dict()
-    return json.dumps({k: d[k] for k in EXPERT_SECTIONS}, sort_keys=True)
+def _expert_key(cfg: Config, expert_seed: int) -> str:
+    """Cells whose experts are the same (trained with the grid's expert seed) share a group
+    when they also ask for as many."""
+    return experts_key(cfg.replace(seed=expert_seed), count=True)
 
 
 def _cell_config(spec: dict, ds: str, ipc: int, method: str, seed: int,
@@ -241,7 +240,7 @@ def _cell_config(spec: dict, ds: str, ipc: int, method: str, seed: int,
         raise ConfigError(f"grid cell {ds}-ipc{ipc}-{method}-seed{seed}: {exc}") from None
 
 
-def _group_names(members: dict[tuple[str, str], list[Cell]]) -> dict[tuple[str, str], str]:
+def _group_names(members: dict[tuple, list[Cell]]) -> dict[tuple, str]:
     """A folder name per expert group: the data set; with several groups for it, and its
     smallest ipc; where that is still shared (the presets of MCT and MTT differ in the
     experts, as for Tiny ImageNet), and the methods."""
@@ -270,9 +269,9 @@ def build_grid(name: str, overrides: list[str] | None = None, text: str | None =
              for ds, entry in spec["datasets"].items()
              for ipc in sorted(entry["recipes"], reverse=True)
              for m in spec["methods"] for s in spec["seeds"]]
-    members: dict[tuple[str, str], list[Cell]] = defaultdict(list)
+    members: dict[tuple, list[Cell]] = defaultdict(list)  # by (data set, its experts)
     for cell in cells:
-        members[(cell.dataset, _expert_key(cell.cfg))].append(cell)
+        members[(cell.dataset, _expert_key(cell.cfg, spec["expert_seed"]))].append(cell)
     group_of, groups = {}, []
     names = _group_names(members)
     for (ds, key), group in members.items():

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from mct_ray import formats, layout, progress
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.distill import Distiller
 from mct_ray.evaluate import EvalResult
 from mct_ray.progress import Progress, duration
+from mct_ray.records import Checkpoint, DistillOutcome, PendingEval
 from mct_ray.storage import Storage
 from mct_ray.synthetic import SyntheticSet
 from mct_ray.tensorboard import TensorBoardLog
@@ -49,42 +50,6 @@ class Finished:
 
 
 Submit = Callable[[SyntheticSet, str, str | None], EvalFuture]
-
-
-@dataclass(frozen=True)
-class PendingEval:
-    """A snapshot submitted for evaluation, with what its metrics row needs."""
-
-    syn: SyntheticSet
-    loss: float
-    seconds: float
-
-    @property
-    def iteration(self) -> int:
-        return self.syn.iteration
-
-    def to_state(self) -> dict:
-        return {"iteration": self.iteration, "images": self.syn.images,
-                "labels": self.syn.labels, "step_size": self.syn.step_size, "loss": self.loss,
-                "seconds": self.seconds,
-                **({"classes": self.syn.classes} if self.syn.soft else {})}
-
-    @classmethod
-    def from_state(cls, d: dict) -> "PendingEval":
-        syn = SyntheticSet(d["images"], d["labels"], d["step_size"], {"iteration": d["iteration"]},
-                           d.get("classes"))
-        return cls(syn, d["loss"], d["seconds"])
-
-
-@dataclass
-class DistillOutcome:
-    rows: list[dict] = field(default_factory=list)  # one per finished evaluation
-    best_acc: float = -1.0
-    best_iteration: int = -1
-    resumed_from: int | None = None
-    parts: list[dict] = field(default_factory=list)  # earlier commands' share of this run
-    losses: list[float] = field(default_factory=list)  # matching losses since the last eval
-    model_rows: list[dict] = field(default_factory=list)  # the other architectures' rows
 
 
 class Evaluations:
@@ -150,27 +115,20 @@ def record_eval(store: Storage, ctx: Context, outcome: DistillOutcome, p: Pendin
                 model: str | None, result: EvalResult, tb: TensorBoardLog | None = None
                 ) -> None:
     """Append a metrics row; for the distillation network's (model None), keep
-    synthetic.safetensors at the best evaluation so far.
-
-    Results may arrive out of order (Ray); the best is the highest mean, ties going to the
-    earlier iteration, so the outcome does not depend on arrival order."""
-    row = {"iteration": p.iteration, "model": model or ctx.cfg.net.name,
-           "acc_mean": result.mean, "acc_std": result.std, "loss": p.loss,
-           "step_size": p.syn.step_size, "seconds": p.seconds}
+    synthetic.safetensors at the best evaluation so far (results may arrive out of order on
+    Ray: `DistillOutcome.add` makes the best independent of it)."""
+    row = p.row(model or ctx.cfg.net.name, result.mean, result.std)
     if model is not None:
         outcome.model_rows.append(row)
-        store.write_table(layout.METRICS, metrics_rows(outcome, ctx.cfg.other_models))
+        store.write_table(layout.METRICS, outcome.metrics(ctx.cfg.other_models))
         log.info("evaluated iteration %d on %s: %.2f %% +- %.2f", p.iteration, model,
                  100 * result.mean, 100 * result.std)
         if tb is not None:
             tb.scalars({f"eval/{model}/acc_mean": result.mean}, p.iteration)
         return
-    outcome.rows.append(row)
-    outcome.rows.sort(key=lambda r: r["iteration"])
-    if (result.mean, -p.iteration) > (outcome.best_acc, -outcome.best_iteration):
-        outcome.best_acc, outcome.best_iteration = result.mean, p.iteration
+    if outcome.add(row):
         save_synthetic(store, layout.SYNTHETIC, ctx, p.syn)
-    store.write_table(layout.METRICS, metrics_rows(outcome, ctx.cfg.other_models))
+    store.write_table(layout.METRICS, outcome.metrics(ctx.cfg.other_models))
     log.info("evaluated iteration %d: %.2f %% +- %.2f (best %.2f %% at iteration %d)",
              p.iteration, 100 * result.mean, 100 * result.std, 100 * outcome.best_acc,
              outcome.best_iteration)
@@ -180,73 +138,39 @@ def record_eval(store: Storage, ctx: Context, outcome: DistillOutcome, p: Pendin
         tb.flush()
 
 
-def metrics_rows(outcome: DistillOutcome, others: tuple[str, ...]) -> list[dict]:
-    """metrics.parquet: by iteration, the distillation network's row first, then eval.models
-    in their order."""
-    order = {m: i for i, m in enumerate(others)}
-    return sorted([*outcome.rows, *outcome.model_rows],
-                  key=lambda r: (r["iteration"], order.get(r["model"], -1)))
-
-
 def save_checkpoint(store: Storage, ctx: Context, distiller: Distiller, outcome: DistillOutcome,
-                    pending: list[PendingEval], run_id: str, started: float) -> None:
+                    pending: list[PendingEval], launch: Launch) -> None:
     save_synthetic(store, layout.LAST, ctx, distiller.snapshot())
-    state = {"distiller": distiller.state_dict(), "rows": outcome.rows,
-             "best_acc": outcome.best_acc, "best_iteration": outcome.best_iteration,
-             "pending": [p.to_state() for p in pending], "run_id": run_id,
-             "losses": outcome.losses, "model_rows": outcome.model_rows,
-             "parts": parts_with(outcome, run_id, distiller.iteration, started)}
-    store.write_bytes(layout.STATE, formats.save_state(state))
+    checkpoint = Checkpoint(distiller.state_dict(), outcome, pending, launch.run_id)
+    store.write_bytes(layout.STATE, formats.save_state(
+        checkpoint.to_state(time.time() - launch.started)))
 
 
-def parts_with(outcome: DistillOutcome, run_id: str, iteration: int, started: float
-               ) -> list[dict]:
-    """The run's parts, one per command that worked on it (a restarted actor continues its
-    command's part): iterations from and to, and the command's seconds so far."""
-    earlier = [p for p in outcome.parts if p["run_id"] != run_id]
-    own = next((p for p in outcome.parts if p["run_id"] == run_id), None)
-    start = own["from_iteration"] if own else (outcome.resumed_from or 0)
-    return [*earlier, {"run_id": run_id, "from_iteration": start, "to_iteration": iteration,
-                       "seconds": round(time.time() - started, 3)}]
-
-
-def checkpoint_run_id(store: Storage) -> str | None:
-    """The run id stored with the checkpoint (None without one): a restarted worker finds
-    its own run's checkpoint by it."""
+def load_checkpoint(store: Storage) -> Checkpoint | None:
+    """The folder's checkpoint (None without one)."""
     if not store.exists(layout.STATE):
         return None
-    state = formats.load_state(store.read_bytes(layout.STATE), store.uri_of(layout.STATE))
-    return state.get("run_id", "")
-
-
-def load_checkpoint(store: Storage, distiller: Distiller
-                    ) -> tuple[DistillOutcome, list[PendingEval]]:
-    state = formats.load_state(store.read_bytes(layout.STATE), store.uri_of(layout.STATE))
-    distiller.load_state_dict(state["distiller"])
-    pending = [PendingEval.from_state(p) for p in state.get("pending", [])]
-    outcome = DistillOutcome(state["rows"], state["best_acc"], state["best_iteration"],
-                             distiller.iteration, list(state.get("parts", [])),
-                             list(state.get("losses", [])), list(state.get("model_rows", [])))
-    return outcome, pending
+    return Checkpoint.from_state(formats.load_state(store.read_bytes(layout.STATE),
+                                                    store.uri_of(layout.STATE)))
 
 
 def run_distillation(ctx: Context, store: Storage, distiller: Distiller, submit: Submit,
-                     resume: bool, run_id: str, started: float) -> DistillOutcome:
-    """Distil to distill.iterations, evaluating at `eval_iterations`; with `resume`, from
-    the folder's checkpoint when there is one. `started`: time.time() at the command's start.
-    """
+                     launch: Launch) -> DistillOutcome:
+    """Distil to distill.iterations, evaluating at `eval_iterations`; when the launch
+    resumes, from the folder's checkpoint if there is one."""
     cfg = ctx.cfg
     evals = Evaluations(submit, (None, *(cfg.other_models if cfg.eval.models_at == "every"
                                          else ())))
     outcome = DistillOutcome()
-    if resume and store.exists(layout.STATE):
-        outcome, pending = load_checkpoint(store, distiller)
+    checkpoint = load_checkpoint(store) if launch.resume else None
+    if checkpoint is not None:
+        distiller.load_state_dict(checkpoint.distiller)
+        outcome = checkpoint.outcome
         log.info("resumed at iteration %d", distiller.iteration)
-        for p in pending:  # scored by a process that is gone: submit what has no row yet
-            scored = {r["model"] for r in (*outcome.rows, *outcome.model_rows)
-                      if r["iteration"] == p.iteration}
+        for p in checkpoint.pending:  # scored by a process that is gone: submit the rest
+            scored = outcome.scored(p.iteration)
             evals.submit(p, tuple(m for m in evals.models if (m or cfg.net.name) not in scored))
-    elif resume:
+    elif launch.resume:
         log.info("nothing to resume in %s (no %s): starting at iteration 0", store.uri,
                  layout.STATE)
     distiller.sync()  # in a gang, the others take this worker's state
@@ -259,7 +183,7 @@ def run_distillation(ctx: Context, store: Storage, distiller: Distiller, submit:
     try:
         while True:
             it = distiller.iteration
-            submitted = it in todo and not any(r["iteration"] == it for r in outcome.rows) \
+            submitted = it in todo and not any(r.iteration == it for r in outcome.rows) \
                 and not any(p.iteration == it for p in evals.pending)
             if submitted:
                 loss = statistics.fmean(losses) if losses else float("nan")
@@ -271,7 +195,7 @@ def run_distillation(ctx: Context, store: Storage, distiller: Distiller, submit:
             if submitted or (cfg.run.checkpoint_every and it % cfg.run.checkpoint_every == 0) \
                     or (cfg.run.checkpoint_minutes
                         and time.monotonic() - saved_at >= 60 * cfg.run.checkpoint_minutes):
-                save_checkpoint(store, ctx, distiller, outcome, evals.pending, run_id, started)
+                save_checkpoint(store, ctx, distiller, outcome, evals.pending, launch)
                 saved_at = time.monotonic()
             if it >= cfg.distill.iterations:
                 break
@@ -286,7 +210,7 @@ def run_distillation(ctx: Context, store: Storage, distiller: Distiller, submit:
             bar.update(1)
         for p, model, result in evals.wait_all():
             record_eval(store, ctx, outcome, p, model, result, tb)
-        save_checkpoint(store, ctx, distiller, outcome, [], run_id, started)
+        save_checkpoint(store, ctx, distiller, outcome, [], launch)
     finally:  # a DivergenceError still leaves the event files complete
         bar.close()
         if tb is not None:

@@ -14,20 +14,20 @@ actor or a grid trial, evaluations fanned out as tasks). `cli` checks the input
 from __future__ import annotations
 
 import logging
-import statistics
+import time
 from typing import Iterator, Protocol
 
 import torch
 
 from mct_ray import formats, layout, report, starting
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.distill import Distiller
-from mct_ray.errors import DataError
 from mct_ray.evaluate import EvalResult, evaluate, random_real
-from mct_ray.experts import ExpertResult, train_expert
-from mct_ray.loop import DistillOutcome, EvalFuture, Finished, parts_with, run_distillation
+from mct_ray.experts import ExpertResult, load_experts, save_expert, train_expert
+from mct_ray.loop import EvalFuture, Finished, run_distillation
 from mct_ray.nets import NetSpec
 from mct_ray.progress import Progress
+from mct_ray.records import DistillOutcome, ExpertsTrained, Score, Summary
 from mct_ray.shard import Shard
 from mct_ray.storage import Storage
 from mct_ray.synthetic import SyntheticSet
@@ -49,12 +49,11 @@ class Backend(Protocol):
         """Score a synthetic set with eval.num_eval fresh networks (the distillation's, or
         `model` of the zoo)."""
 
-    def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
-                started: float) -> DistillOutcome:
-        """Run the distillation loop on the experts of `experts` into `store`."""
+    def distill(self, store: Storage, launch: Launch) -> DistillOutcome:
+        """Run the distillation loop on the launch's experts into `store`."""
 
-    def placement(self) -> dict:
-        """What the report says about where the work ran (empty for one process)."""
+    def expert_nodes(self) -> list[str]:
+        """The nodes that trained this backend's experts (none for one process)."""
 
 
 class LocalBackend:
@@ -74,38 +73,36 @@ class LocalBackend:
         c = self.ctx
         return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device, c.kernels, model))
 
-    def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
-                started: float) -> DistillOutcome:
-        trajectories = load_experts(experts, self.ctx.spec, self.ctx.cfg.needs_full)
+    def distill(self, store: Storage, launch: Launch) -> DistillOutcome:
+        trajectories = load_experts(launch.experts, self.ctx.spec, self.ctx.cfg.needs_full)
         return run_distillation(self.ctx, store, make_distiller(self.ctx, trajectories, store),
-                                self.submit_eval, resume, run_id, started)
+                                self.submit_eval, launch)
 
-    def placement(self) -> dict:
-        return {}
+    def expert_nodes(self) -> list[str]:
+        return []
 
 
 # ---------------------------------------------------------------------------------------
 # The sequence.
 
-def run(ctx: Context, store: Storage, backend: Backend, experts: Storage,
-        phases: tuple[str, ...], resume: bool, run_id: str, started: float) -> dict:
-    """The phases of one command, in the one order there is (see the module docstring).
-    `experts` is the folder holding (or receiving) the experts; `started` is time.time()
-    at the command's start."""
-    result: dict = {}
+def run(ctx: Context, store: Storage, backend: Backend, phases: tuple[str, ...],
+        launch: Launch) -> Summary | ExpertsTrained:
+    """The phases of one command, in the one order there is (see the module docstring): the
+    run's summary when it distils, else what the expert phase did."""
+    result: Summary | ExpertsTrained = ExpertsTrained(0, [], [])
     if "experts" in phases:
-        result = train_missing_experts(ctx, experts, backend)
+        result = train_missing_experts(ctx, launch.experts, backend)
     if "distill" in phases:
         cfg = ctx.cfg
         real = random_real(cfg, ctx.data)  # scored on every architecture beside the loop
         baselines = {m: backend.submit_eval(real, "baseline", m)
                      for m in (None, *cfg.other_models)} if cfg.eval.baseline else {}
-        outcome = backend.distill(store, experts, resume, run_id, started)
+        outcome = backend.distill(store, launch)
         scores = {m: f.result() for m, f in baselines.items()}
         best = formats.load_synthetic(store.read_bytes(layout.SYNTHETIC),
                                       store.uri_of(layout.SYNTHETIC), ctx.spec)
         hard = hard_label_score(ctx, best, backend)
-        result = finish(ctx, store, experts, outcome, best, scores.get(None), run_id, started,
+        result = finish(ctx, store, launch, outcome, best, scores.get(None),
                         cross_architecture(ctx, best, backend, outcome, scores),
                         hard and hard.result())
     return result
@@ -134,15 +131,14 @@ def cross_architecture(ctx: Context, best_set: SyntheticSet, backend: Backend,
     if cfg.eval.models_at == "every":
         for model in cfg.eval.models:
             rows = outcome.rows if model == cfg.net.name else \
-                [r for r in outcome.model_rows if r["model"] == model]
-            at_best = next(r for r in rows if r["iteration"] == outcome.best_iteration)
-            best = max(rows, key=lambda r: (r["acc_mean"], -r["iteration"]))
-            final = max(rows, key=lambda r: r["iteration"])
-            out[model] = {"acc_mean": at_best["acc_mean"], "acc_std": at_best["acc_std"],
-                          "best_acc_mean": best["acc_mean"], "best_acc_std": best["acc_std"],
-                          "best_iteration": best["iteration"],
-                          "final_acc_mean": final["acc_mean"],
-                          "final_acc_std": final["acc_std"]}
+                [r for r in outcome.model_rows if r.model == model]
+            at_best = next(r for r in rows if r.iteration == outcome.best_iteration)
+            best = max(rows, key=lambda r: (r.acc_mean, -r.iteration))
+            final = max(rows, key=lambda r: r.iteration)
+            out[model] = {"acc_mean": at_best.acc_mean, "acc_std": at_best.acc_std,
+                          "best_acc_mean": best.acc_mean, "best_acc_std": best.acc_std,
+                          "best_iteration": best.iteration,
+                          "final_acc_mean": final.acc_mean, "final_acc_std": final.acc_std}
     else:
         futures = {m: backend.submit_eval(best_set, "final", m) for m in cfg.eval.models}
         for model, future in futures.items():  # all submitted first: on Ray they run together
@@ -158,7 +154,7 @@ def cross_architecture(ctx: Context, best_set: SyntheticSet, backend: Backend,
     return out
 
 
-def train_missing_experts(ctx: Context, store: Storage, backend: Backend) -> dict:
+def train_missing_experts(ctx: Context, store: Storage, backend: Backend) -> ExpertsTrained:
     """Train the experts 0 .. num_experts-1 not yet stored (with their full trajectory when
     the run keeps it), saving each as it arrives."""
     training = ctx.cfg.expert_training
@@ -176,8 +172,8 @@ def train_missing_experts(ctx: Context, store: Storage, backend: Backend) -> dic
                  100 * result.test_acc)
         bar.update(1)
     bar.close()
-    return {"experts": training.num_experts, "trained": sorted(accs),
-            "expert_test_acc": [accs[i] for i in sorted(accs)], **backend.placement()}
+    return ExpertsTrained(training.num_experts, sorted(accs), [accs[i] for i in sorted(accs)],
+                          backend.expert_nodes())
 
 
 def missing_experts(ctx: Context, store: Storage) -> list[int]:
@@ -187,34 +183,6 @@ def missing_experts(ctx: Context, store: Storage) -> list[int]:
     if training.keep_full:
         stored &= set(layout.expert_ids(store, full=True))
     return [i for i in range(training.num_experts) if i not in stored]
-
-
-def save_expert(store: Storage, result: ExpertResult, store_init_as_seed: bool) -> None:
-    seed = result.init_seed if store_init_as_seed else None
-    store.write_bytes(layout.expert_name(result.expert_id),
-                      formats.save_trajectory(result.convex, init_seed=seed))
-    if result.full is not None:
-        store.write_bytes(layout.expert_name(result.expert_id, full=True),
-                          formats.save_trajectory(result.full))
-
-
-def load_expert(store: Storage, expert_id: int, spec: NetSpec, full: bool) -> Trajectory:
-    name = layout.expert_name(expert_id, full)
-    return formats.load_trajectory(store.read_bytes(name), store.uri_of(name), spec)
-
-
-def load_experts(store: Storage, spec: NetSpec, full: bool) -> list[Trajectory]:
-    """Every expert of a run folder: convex files (MCT) or full ones (MTT)."""
-    ids = layout.expert_ids(store, full)
-    if not ids:
-        raise DataError(missing_experts_message(store, full))
-    return [load_expert(store, i, spec, full) for i in ids]
-
-
-def missing_experts_message(store: Storage, full: bool) -> str:
-    kind = "full (MTT) trajectories; train experts with expert.keep_full=true" if full \
-        else "expert trajectories; run `mct-ray experts` first"
-    return f"no {kind} under {store.uri_of(layout.EXPERTS)}"
 
 
 def make_distiller(ctx: Context, trajectories: list[Trajectory],
@@ -256,19 +224,6 @@ def evaluate_saved(ctx: Context, store: Storage, backend: Backend, source: Stora
 # ---------------------------------------------------------------------------------------
 # Report.
 
-def iterations_to_within(rows: list[dict], points: float = 0.02) -> int:
-    """First evaluated iteration whose accuracy is within `points` of the run's best."""
-    best = max(r["acc_mean"] for r in rows)
-    return min(r["iteration"] for r in rows if r["acc_mean"] >= best - points)
-
-
-def second_half_spread(rows: list[dict]) -> float:
-    """Standard deviation of the evaluated accuracy over the second half of the run."""
-    last = max(r["iteration"] for r in rows)
-    accs = [r["acc_mean"] for r in rows if r["iteration"] >= last / 2]
-    return statistics.pstdev(accs) if len(accs) > 1 else 0.0
-
-
 def storage_bytes(store: Storage, spec: NetSpec, epochs: int, full: bool) -> tuple[int, int]:
     """(bytes of the first stored expert of the kind the run read, bytes the same expert
     takes stored by MTT: every epoch's parameters, to within a few header bytes)."""
@@ -280,51 +235,32 @@ def storage_bytes(store: Storage, spec: NetSpec, epochs: int, full: bool) -> tup
     return convex, one + 4 * epochs * spec.num_params
 
 
-def summarise(ctx: Context, experts: Storage, outcome: DistillOutcome,
-              baseline: EvalResult | None, parts: list[dict]) -> dict:
-    cfg, rows = ctx.cfg, outcome.rows
-    best = max(rows, key=lambda r: r["acc_mean"])
-    final = max(rows, key=lambda r: r["iteration"])
-    convex_bytes, mtt_bytes = storage_bytes(experts, ctx.spec, cfg.expert.epochs,
+def finish(ctx: Context, store: Storage, launch: Launch, outcome: DistillOutcome,
+           best: SyntheticSet, baseline: EvalResult | None, models: dict,
+           hard: EvalResult | None = None) -> Summary:
+    """The run's summary (summary.json) and pictures (synthetic.png, curve.png)."""
+    cfg = ctx.cfg
+    final = max(r.iteration for r in outcome.rows)
+    convex_bytes, mtt_bytes = storage_bytes(launch.experts, ctx.spec, cfg.expert.epochs,
                                              cfg.needs_full)
-    return {
-        "method": cfg.distill.method, "dataset": cfg.data.name, "ipc": cfg.distill.ipc,
-        "seed": cfg.seed, "iterations": final["iteration"],
-        "best_acc_mean": best["acc_mean"], "best_acc_std": best["acc_std"],
-        "best_iteration": best["iteration"],
-        "final_acc_mean": final["acc_mean"], "final_acc_std": final["acc_std"],
-        "iterations_to_within_2pts": iterations_to_within(rows),
-        "second_half_acc_std": second_half_spread(rows),
-        "random_baseline_acc_mean": baseline.mean if baseline else None,
-        "random_baseline_acc_std": baseline.std if baseline else None,
-        "storage_bytes_per_expert": convex_bytes, "mtt_bytes_per_expert": mtt_bytes,
-        "storage_ratio": convex_bytes / mtt_bytes if convex_bytes else None,
-        "final_step_size": final["step_size"],
-        "wall_seconds": round(sum(p["seconds"] for p in parts), 3),
-        "resumed_from": outcome.resumed_from, "parts": parts,
-    }
-
-
-def finish(ctx: Context, store: Storage, experts: Storage, outcome: DistillOutcome,
-           best: SyntheticSet, baseline: EvalResult | None, run_id: str, started: float,
-           models: dict | None = None, hard: EvalResult | None = None) -> dict:
-    final = max(r["iteration"] for r in outcome.rows)
-    summary = summarise(ctx, experts, outcome, baseline,
-                        parts_with(outcome, run_id, final, started))
-    summary.update(labels=ctx.cfg.distill.labels,
-                   hard_label_acc_mean=hard.mean if hard else None,
-                   hard_label_acc_std=hard.std if hard else None)
+    summary = Summary(cfg.distill.method, cfg.data.name, cfg.distill.ipc, cfg.seed,
+                      cfg.distill.labels, outcome, score(baseline), score(hard), convex_bytes,
+                      mtt_bytes, outcome.parts_with(launch.run_id, final,
+                                                    time.time() - launch.started), models)
+    record = summary.to_dict()
     if hard:
         log.info("the best set's images with hard labels: %.2f %% +- %.2f (soft: %.2f %%)",
-                 100 * hard.mean, 100 * hard.std, 100 * summary["best_acc_mean"])
-    if models:
-        summary["models"] = models  # the best set on other architectures
-    store.write_json(layout.SUMMARY, summary)
+                 100 * hard.mean, 100 * hard.std, 100 * record["best_acc_mean"])
+    store.write_json(layout.SUMMARY, record)
     store.write_bytes(layout.SYNTHETIC_PNG, report.image_grid_png(best, ctx.data.num_classes))
-    store.write_bytes(layout.CURVE_PNG, report.curve_png(outcome.rows, summary, ctx.cfg))
+    store.write_bytes(layout.CURVE_PNG, report.curve_png(summary, cfg))
     log.info("best %.2f %% at iteration %d, final %.2f %%, random real %s; in %.0f s",
-             100 * summary["best_acc_mean"], summary["best_iteration"],
-             100 * summary["final_acc_mean"],
+             100 * record["best_acc_mean"], record["best_iteration"],
+             100 * record["final_acc_mean"],
              f"{100 * baseline.mean:.2f} %" if baseline else "not scored",
-             summary["wall_seconds"])
+             record["wall_seconds"])
     return summary
+
+
+def score(result: EvalResult | None) -> Score:
+    return Score(result.mean, result.std) if result else Score()

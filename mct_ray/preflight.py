@@ -20,7 +20,7 @@ from mct_ray import footprint, layout, starting, zoo
 from mct_ray.config import check_expert_epochs
 from mct_ray.context import Context
 from mct_ray.errors import ConfigError, DataError
-from mct_ray.pipeline import load_expert, missing_experts_message
+from mct_ray.experts import load_expert, missing_experts_message
 from mct_ray.storage import Storage
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from mct_ray.records import Summary  # noqa: E402
+
 MAX_PER_CLASS = 10
 MAX_CLASSES = 20
 
@@ -55,25 +57,26 @@ def image_grid_png(syn, num_classes: int) -> bytes:
     return _png(fig)
 
 
-def curve_png(rows: list[dict], summary: dict, cfg) -> bytes:
+def curve_png(summary: Summary, cfg) -> bytes:
     """Accuracy against iteration. Iteration 0 is the initial set (real images drawn with the
     run's seed, trained at the initial step size distill.lr_teacher); the dashed line is
     other random real images trained at the experts' rate expert.lr, as the papers' Random
     column: the two differ by the images and by the step size."""
-    its = [r["iteration"] for r in rows]
-    mean = [100 * r["acc_mean"] for r in rows]
-    std = [100 * r["acc_std"] for r in rows]
+    rows = summary.outcome.rows
+    its = [r.iteration for r in rows]
+    mean = [100 * r.acc_mean for r in rows]
+    std = [100 * r.acc_std for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.4))
-    ax.plot(its, mean, marker="o", label=f"{summary['method'].upper()} synthetic set "
+    ax.plot(its, mean, marker="o", label=f"{summary.method.upper()} synthetic set "
             f"(iteration 0: the initial real images, step size {cfg.distill.lr_teacher:g})")
     ax.fill_between(its, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     alpha=0.2)
-    if summary.get("random_baseline_acc_mean") is not None:
-        ax.axhline(100 * summary["random_baseline_acc_mean"], color="gray", ls="--",
+    if summary.random.mean is not None:
+        ax.axhline(100 * summary.random.mean, color="gray", ls="--",
                    label=f"other random real images, step size {cfg.expert.lr:g} (Random)")
     ax.set_xlabel("distillation iteration")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{summary['dataset']}, ipc {summary['ipc']}: mean ± std of "
+    ax.set_title(f"{summary.dataset}, ipc {summary.ipc}: mean ± std of "
                  f"{cfg.eval.num_eval} networks")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from mct_ray import layout
-from mct_ray.config import Config, first_difference
+from mct_ray.config import Config, experts_difference, first_difference
 from mct_ray.errors import ConfigError, FormatError, MctRayError, StorageError
 from mct_ray.storage import Storage
 
@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 OBJECT_STORE_SETTLE_S = 1.0
 # On --resume these may differ from the stored config: they do not change the result.
 RESUME_FREE = ("run.", "ray.", "distill.iterations", "recipe")
-# What experts depend on: a resume that trains missing experts must agree on these (it may
-# ask for more experts, or for full trajectories too).
-EXPERT_KEYS = ("seed", "data.", "net.", "augment.", "expert.")
-EXPERT_FREE = ("expert.num_experts", "expert.keep_full")
 
 
 def _alive(pid: int) -> bool:
@@ -115,11 +111,12 @@ class RunLock:
             self.store.delete(layout.LOCK)
 
 
-def _first_difference(stored: dict, given: dict, keys: tuple[str, ...] | None) -> str | None:
-    """What differs where it matters: everything but RESUME_FREE, or only `keys` (less
-    EXPERT_FREE) when they are given."""
-    diff = first_difference(stored, given, lambda key: key.startswith(RESUME_FREE) or bool(
-        keys and (not key.startswith(keys) or key.startswith(EXPERT_FREE))))
+def _first_difference(stored: dict, given: dict, experts_only: bool) -> str | None:
+    """What differs where it matters: everything but RESUME_FREE, or (`experts_only`) what
+    the experts depend on (a resume that trains missing experts may ask for more of them, or
+    for full trajectories too)."""
+    diff = experts_difference(stored, given) if experts_only else \
+        first_difference(stored, given, lambda key: key.startswith(RESUME_FREE))
     return diff and f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now"
 
 
@@ -143,13 +140,12 @@ def guard(store: Storage, cfg: Config, phases: tuple[str, ...], resume: bool,
         raise ConfigError(f"{store.uri} already holds {what}; continue it with --resume, "
                           "replace it with --overwrite, or choose another --out")
     if resume and store.exists(layout.CONFIG) and (started or experts):
-        keys = None if store.exists(layout.STATE) else EXPERT_KEYS
         stored = store.read_json(layout.CONFIG)
         if not isinstance(stored, dict):
             raise FormatError(f"{store.uri_of(layout.CONFIG)} is not a run's config (a JSON "
                               f"mapping of sections, got {type(stored).__name__}); "
                               "replace the run with --overwrite or choose another --out")
-        diff = _first_difference(stored, cfg.to_dict(), keys)
+        diff = _first_difference(stored, cfg.to_dict(), not store.exists(layout.STATE))
         if diff:
             raise ConfigError(f"--resume: the config differs from {store.uri_of(layout.CONFIG)} "
                               f"({diff}); resume with --config {store.uri_of(layout.CONFIG)}, "

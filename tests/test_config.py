@@ -124,6 +124,30 @@ def test_first_difference_reads_both_configs_as_json_would_store_them():
     assert first_difference(a, b, lambda key: key in ("distill.ipc", "run.out")) is None
 
 
+def test_one_definition_of_the_same_experts():
+    """What makes two configs train the same experts is decided once (config.EXPERT_KEYS):
+    the grid's groups, a grid's expert folders and a run folder's --resume all read it."""
+    from mct_ray.config import experts_difference, experts_key
+
+    base = load_config("digits")
+    same = ["distill.ipc=10", "distill.method=mtt", "eval.num_eval=1", "run.out=x",
+            "ray.num_cpus=1", "expert.keep_full=true", "expert.num_experts=3"]
+    for override in same:
+        other = load_config("digits", [override])
+        assert experts_key(other) == experts_key(base), override
+        assert experts_difference(base.to_dict(), other.to_dict()) is None, override
+    for override in ("seed=1", "expert.lr=0.02", "data.zca=true", "net.width=32",
+                     "augment.strategy=crop"):
+        other = load_config("digits", [override])
+        assert experts_key(other) != experts_key(base), override
+        key = override.split("=")[0]
+        assert experts_difference(base.to_dict(), other.to_dict())[0] == key
+    more = load_config("digits", ["expert.num_experts=3"])  # as many: only with count
+    assert experts_key(more, count=True) != experts_key(base, count=True)
+    assert experts_difference(base.to_dict(), more.to_dict(), count=True)[0] == \
+        "expert.num_experts"
+
+
 def test_the_method_table_decides_what_each_method_reads_and_draws():
     from mct_ray.config import METHODS
 

@@ -107,7 +107,7 @@ def test_a_wait_for_evaluations_that_cannot_run_is_never_silent(caplog, monkeypa
 def _pending(iteration):
     import torch
 
-    from mct_ray.loop import PendingEval
+    from mct_ray.records import PendingEval
     from mct_ray.synthetic import SyntheticSet
     return PendingEval(SyntheticSet(torch.zeros(1, 1, 2, 2), torch.zeros(1), 0.01,
                                     {"iteration": iteration}), 0.0, 0.0)

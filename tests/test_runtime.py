@@ -342,9 +342,10 @@ def test_evaluation_fan_out_never_pauses_the_loop(ray_cluster, local_run, tmp_pa
     """The loop runs here (the way an actor or a grid trial runs it) and submits its
     evaluations through the Ray backend's fan-out, two CPUs each (one per node): no step
     waits for them. On this 2-core machine they time-share the cores with the loop."""
-    from mct_ray.context import Context
+    from mct_ray.context import Context, Launch
     from mct_ray.loop import run_distillation
-    from mct_ray.pipeline import load_experts, make_distiller
+    from mct_ray.experts import load_experts
+    from mct_ray.pipeline import make_distiller
     from mct_ray.runtime.codec import data_to_numpy
     from mct_ray.runtime.workers import RayEvals
     from mct_ray.storage import Storage
@@ -367,8 +368,9 @@ def test_evaluation_fan_out_never_pauses_the_loop(ray_cluster, local_run, tmp_pa
     times, step = [], distiller.step
     distiller.step = lambda: (step(), times.append(time.perf_counter()))[0]
     outcome = run_distillation(ctx, Storage.open(str(tmp_path)), distiller, evals.submit,
-                               False, "overlap", time.time())
-    assert [r["iteration"] for r in outcome.rows] == [0, 20, 40, 60]
+                               Launch(Storage.open(str(local_run)), False, "overlap",
+                                      time.time()))
+    assert [r.iteration for r in outcome.rows] == [0, 20, 40, 60]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert min(eval_seconds) > 0.5, eval_seconds  # an evaluation worth not waiting for
     assert max(gaps) < 0.5 * min(eval_seconds), (

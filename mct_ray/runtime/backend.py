@@ -15,11 +15,12 @@ from typing import Iterator
 import ray
 
 from mct_ray import layout
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.errors import MctRayError
-from mct_ray.experts import ExpertResult
-from mct_ray.loop import DistillOutcome
-from mct_ray.pipeline import LocalBackend, load_expert
+from mct_ray.experts import ExpertResult, load_expert
+from mct_ray.nets import NetSpec
+from mct_ray.pipeline import LocalBackend
+from mct_ray.records import DistillOutcome
 from mct_ray.runtime import waits, workers
 from mct_ray.runtime.cluster import ClusterError
 from mct_ray.runtime.codec import data_to_numpy, expert_from_numpy, trajectory_to_numpy
@@ -61,16 +62,21 @@ def check_room(cfg, phases: tuple[str, ...]) -> None:
                 "add a node that has them")
 
 
-class RayBackend:
-    """`loop_here`: run the distillation loop in this process (a grid trial, which already
-    holds its resources) rather than in an actor of its own. `expert_refs`: trajectories
-    already in the object store (a grid's shared experts), used instead of the folder's."""
+def expert_refs(experts: Storage, spec: NetSpec, full: bool) -> list[ray.ObjectRef]:
+    """The folder's trajectories (full ones with `full`) in the object store, read one at a
+    time. Put by the driver, so held on its node: a task's result lives on the node that ran
+    it, and a lost node would take it along (Ray would train the expert again)."""
+    return [ray.put(trajectory_to_numpy(load_expert(experts, i, spec, full), i, spec))
+            for i in layout.expert_ids(experts, full)]
 
-    def __init__(self, ctx: Context, data_ref: ray.ObjectRef | None = None,
-                 expert_refs: list | None = None, loop_here: bool = False):
+
+class RayBackend:
+    """Experts as tasks, the distillation loop in an actor (or a gang), evaluations as
+    tasks; the data set put in the object store once (or given: `data_ref`)."""
+
+    def __init__(self, ctx: Context, data_ref: ray.ObjectRef | None = None):
         self.ctx, self.cfg = ctx, ctx.cfg
         self.data_ref = ray.put(data_to_numpy(ctx.data)) if data_ref is None else data_ref
-        self.given_refs, self.loop_here = expert_refs, loop_here
         self.nodes: dict[int, str] = {}
         self.evals = RayEvals(self.cfg, self.data_ref)
         self.evals_fit: bool | None = None  # whether an evaluation fits some node
@@ -110,44 +116,26 @@ class RayBackend:
             return self.evals.submit(syn, tag, model)
         return LocalBackend(self.ctx).submit_eval(syn, tag, model)
 
-    def expert_refs(self, experts: Storage, full: bool | None = None) -> list[ray.ObjectRef]:
-        """The run's trajectories (full ones with `full`, default: what its method reads) in
-        the object store: those trained here as they are, the others read from the folder
-        one at a time."""
-        if self.given_refs is not None:
-            return self.given_refs
-        spec = self.ctx.spec
-        full = self.cfg.needs_full if full is None else full
-        # Put by the driver, so held on its node: a task's result lives on the node that
-        # ran it, and a lost node would take it along (Ray would train the expert again).
-        return [ray.put(trajectory_to_numpy(load_expert(experts, i, spec, full), i, spec))
-                for i in layout.expert_ids(experts, full)]
-
-    def distill(self, store: Storage, experts: Storage, resume: bool, run_id: str,
-                started: float) -> DistillOutcome:
-        refs = self.expert_refs(experts)
+    def distill(self, store: Storage, launch: Launch) -> DistillOutcome:
+        refs = expert_refs(launch.experts, self.ctx.spec, self.cfg.needs_full)
         if self.cfg.ray.distill_workers > 1:
             return distill_gang(self.cfg, store.uri, {"data": self.data_ref, "experts": refs},
-                                resume, run_id, started)
-        if self.loop_here:
-            return workers.distill_from_refs(self.ctx, store, refs, self.submit_eval, resume,
-                                             run_id, started)
+                                launch)
         # The driver, not Ray's actor restarts, replaces a lost actor: Ray spends its task
         # retries on "temporarily unavailable" within seconds while a node is being lost.
         r = self.cfg.ray
         then = f"; add such a node and continue with --resume --out {store.uri}"
         for attempt in range(r.distill_restarts + 1):
             actor = ray.remote(workers.DistillWorker).options(
-                name=f"mct-ray-distill-{run_id[:12]}-{attempt}", num_cpus=r.distill_num_cpus,
-                num_gpus=r.distill_num_gpus, max_restarts=0,
-            ).remote(self.cfg, store.uri, run_id)
+                name=f"mct-ray-distill-{launch.run_id[:12]}-{attempt}",
+                num_cpus=r.distill_num_cpus, num_gpus=r.distill_num_gpus, max_restarts=0,
+            ).remote(self.cfg, store.uri)
             try:
                 waits.until_ready(actor.__ray_ready__.remote(), waits.Waiting(
                     "distillation actor", workers.needs(self.cfg)["distillation"],
                     r.start_wait_s, then=then))
-                result = ray.get(actor.run.remote({"data": self.data_ref, "experts": refs},
-                                                  resume, started))
-                return DistillOutcome(**result)
+                return ray.get(actor.run.remote({"data": self.data_ref, "experts": refs},
+                                                launch))
             except ray.exceptions.RayActorError as exc:  # its process or its node is gone
                 lost = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
                 log.warning("the distillation actor was lost (%s); %s", lost,
@@ -160,5 +148,5 @@ class RayBackend:
             f"(ray.distill_restarts={r.distill_restarts}); continue the run with --resume "
             f"--out {store.uri}")
 
-    def placement(self) -> dict:
-        return {"nodes": sorted(set(self.nodes.values()))} if self.nodes else {}
+    def expert_nodes(self) -> list[str]:
+        return sorted(set(self.nodes.values()))

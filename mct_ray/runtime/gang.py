@@ -29,11 +29,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mct_ray.config import Config
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.errors import MctRayError
-from mct_ray.loop import DistillOutcome, follow_distillation
+from mct_ray.loop import follow_distillation
 from mct_ray.pipeline import make_distiller
 from mct_ray.progress import configure_logging
+from mct_ray.records import DistillOutcome
 from mct_ray.runtime import workers
 from mct_ray.runtime.codec import data_from_numpy, trajectory_from_numpy
 from mct_ray.shard import Shard
@@ -51,13 +52,13 @@ class Report:
     """Holds what worker 0 hands the driver: the outcome's fields, or an error of ours."""
 
     def __init__(self):
-        self.value: dict | None = None
+        self.value: DistillOutcome | None = None
         self.error: MctRayError | None = None
 
-    def put(self, value: dict | None, error: MctRayError | None = None) -> None:
+    def put(self, value: DistillOutcome | None, error: MctRayError | None = None) -> None:
         self.value, self.error = value, error
 
-    def get(self) -> tuple[dict | None, MctRayError | None]:
+    def get(self) -> tuple[DistillOutcome | None, MctRayError | None]:
         return self.value, self.error
 
 
@@ -74,8 +75,8 @@ def gang_worker(config: dict) -> None:
     torch.distributed.all_gather_object(nodes, workers.node_id())
     if shard.rank == 0:
         try:
-            outcome = workers.DistillWorker(cfg, config["out"], config["run_id"]).run(
-                refs, config["resume"], config["started"], nodes)
+            outcome = workers.DistillWorker(cfg, config["out"]).run(refs, config["launch"],
+                                                                    nodes)
         except MctRayError as exc:  # ours: the same on a restart, so not retried
             ray.get(config["report"].put.remote(None, exc))
             # the others may wait in a collective for this worker: closing the group ends it
@@ -97,20 +98,19 @@ def gang_worker(config: dict) -> None:
         raise
 
 
-def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: str,
-                 started: float) -> DistillOutcome:
+def distill_gang(cfg: Config, out_uri: str, refs: dict, launch: Launch) -> DistillOutcome:
     """Run the distillation on a gang of ray.distill_workers workers; its outcome."""
     r = cfg.ray
     here = ray.get_runtime_context().get_node_id()  # with the driver: lost only with it
     report = ray.remote(Report).options(num_cpus=0, scheduling_strategy=(
         NodeAffinitySchedulingStrategy(here, soft=False))).remote()
-    name = f"mct-ray-distill-{run_id[:12]}"
+    name = f"mct-ray-distill-{launch.run_id[:12]}"
     records = tempfile.mkdtemp(prefix=f"{name}-")  # Train's own records; the run is in out
     trainer = TorchTrainer(
         gang_worker,  # Train runs it in its own working directory: the folder as an absolute path
         train_loop_config={"cfg": cfg, "out": out_uri if "://" in out_uri
-                           else os.path.abspath(out_uri), "run_id": run_id, "refs": refs,
-                           "resume": resume, "started": started, "report": report},
+                           else os.path.abspath(out_uri), "launch": launch, "refs": refs,
+                           "report": report},
         torch_config=TorchConfig(backend="nccl" if r.distill_num_gpus else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=r.distill_workers, use_gpu=r.distill_num_gpus > 0,
@@ -135,7 +135,7 @@ def distill_gang(cfg: Config, out_uri: str, refs: dict, resume: bool, run_id: st
             f"the distillation gang of {r.distill_workers} workers failed "
             f"{r.distill_restarts + 1} times (ray.distill_restarts={r.distill_restarts}"
             f"{': ' + lost if lost else ''}); continue the run with --resume --out {out_uri}")
-    return DistillOutcome(**value)
+    return value
 
 
 def _fit_interruptibly(trainer: TorchTrainer) -> None:

@@ -27,15 +27,16 @@ import ray
 from ray import tune
 
 from mct_ray import layout, pipeline, preflight
-from mct_ray.config import METHODS, first_difference
-from mct_ray.context import Context
+from mct_ray.runtime import shell
+from mct_ray.config import METHODS, experts_difference
+from mct_ray.context import Context, Launch
 from mct_ray.errors import ConfigError, MctRayError
 from mct_ray.grid import Grid, build_grid, describe_difference, grid_factories, \
     grid_from_dict, grid_png, summary_table
-from mct_ray.runfolder import RunLock
-from mct_ray.runtime.backend import RayBackend
-from mct_ray.runtime.cluster import check_address, connect, disconnect, unwrap
+from mct_ray.records import DistillOutcome
+from mct_ray.runtime.backend import RayBackend, expert_refs
 from mct_ray.runtime.codec import data_from_numpy
+from mct_ray.runtime.workers import distill_from_refs
 from mct_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -79,29 +80,25 @@ def run_cell(config: dict, shared: dict) -> None:
     ctx = Context.from_data(cfg, data_from_numpy(ray.get(refs["data"])),
                                      cfg.ray.distill_num_cpus)
     store.write_json(layout.CONFIG, cfg.to_dict())
-    backend = RayBackend(ctx, refs["data"], refs[cfg.distill.method], loop_here=True)
-    summary = pipeline.run(ctx, store, backend, experts, ("distill",), True,
-                           f"{cell['id']}-{shared['launch']}", started)
-    row = {"cell": cell["id"], "dataset": cell["dataset"], **_row(summary),
+    backend = TrialBackend(ctx, refs["data"], refs[cfg.distill.method])
+    summary = pipeline.run(ctx, store, backend, ("distill",),
+                           Launch(experts, True, f"{cell['id']}-{shared['launch']}", started))
+    row = {"cell": cell["id"], "dataset": cell["dataset"], **summary.grid_row(),
            "num_experts": len(refs[cfg.distill.method]), "experts": experts.uri}
     store.write_json(layout.CELL_DONE, row)
     tune.report(_progress(row))
 
 
-def _row(summary: dict) -> dict:
-    """The grid's columns from a run's summary."""
-    keys = ("ipc", "method", "seed", "best_acc_mean", "best_acc_std", "best_iteration",
-            "final_acc_mean", "final_acc_std", "iterations_to_within_2pts", "iterations",
-            "wall_seconds", "storage_bytes_per_expert")
-    row = {"data": summary["dataset"], **{k: summary[k] for k in keys},
-           "random_acc_mean": summary["random_baseline_acc_mean"],
-           "random_acc_std": summary["random_baseline_acc_std"],
-           "resumed_from": -1 if summary["resumed_from"] is None else summary["resumed_from"]}
-    if summary.get("labels", "hard") != "hard":  # soft labels: the images' hard-label score
-        row.update(labels=summary["labels"], hard_label_acc_mean=summary["hard_label_acc_mean"])
-    if summary.get("models"):  # eval.models: the scores on each architecture
-        row["models"] = summary["models"]
-    return row
+class TrialBackend(RayBackend):
+    """A grid trial's: the loop runs in the trial itself (which holds the cell's placement
+    group), on its group's trajectories, already in the object store."""
+
+    def __init__(self, ctx: Context, data_ref: ray.ObjectRef, expert_refs: list):
+        super().__init__(ctx, data_ref)
+        self.expert_refs = expert_refs
+
+    def distill(self, store: Storage, launch: Launch) -> DistillOutcome:
+        return distill_from_refs(self.ctx, store, self.expert_refs, self.submit_eval, launch)
 
 
 def _progress(row: dict) -> dict:
@@ -207,10 +204,10 @@ def _prepare_experts(grid: Grid, store: Storage, contexts: dict) -> dict:
         ctx = contexts[group.name]
         if gstore.exists(layout.CONFIG):
             stored = gstore.read_json(layout.CONFIG)
-            diff = first_difference(stored, cfg.to_dict()) if isinstance(stored, dict) \
-                else (layout.CONFIG, stored, "a config")
+            diff = experts_difference(stored, cfg.to_dict(), count=True) \
+                if isinstance(stored, dict) else (layout.CONFIG, stored, "a config")
             if diff:
-                raise ConfigError(f"{gstore.uri} holds experts trained with another config "
+                raise ConfigError(f"{gstore.uri} holds other experts "
                                   f"({diff[0]} = {diff[1]!r} there, {diff[2]!r} now); "
                                   "choose another --out")
         gstore.write_json(layout.CONFIG, cfg.to_dict())
@@ -218,8 +215,8 @@ def _prepare_experts(grid: Grid, store: Storage, contexts: dict) -> dict:
         pipeline.train_missing_experts(ctx, gstore, backend)
         shared[group.name] = {"data": backend.data_ref}
         for method in group.methods:
-            full = METHODS[method].reads_full
-            shared[group.name][method] = backend.expert_refs(gstore, full=full)
+            shared[group.name][method] = expert_refs(gstore, ctx.spec,
+                                                     METHODS[method].reads_full)
     return shared
 
 
@@ -277,9 +274,7 @@ def run_grid(spec: str | None, overrides: list[str], out: str, resume: bool) -> 
     started = time.perf_counter()
     if "://" not in out:
         out = os.path.abspath(out)  # trials run in Tune's own working directories
-    check_address()
-    store = Storage.open(out, check=True)
-    RunLock.check_free(store)
+    store = shell.output(out, local=False)
     grid = _resolve(store, spec, overrides, resume)
     gangs = [c.id for c in grid.cells if c.cfg.ray.distill_workers > 1]
     if gangs:
@@ -287,12 +282,10 @@ def run_grid(spec: str | None, overrides: list[str], out: str, resume: bool) -> 
                           "...): a grid trial distils on one worker; run such a cell with "
                           "`mct-ray run` or `mct-ray distill`")
     contexts = _preflight(grid)
-    started_ray, failed, lock = False, {}, None
-    try:
-        started_ray = connect(grid.cells[0].cfg.ray)
-        _check_fits(grid, started_ray)
-        lock = RunLock.acquire(store, "grid")  # the first write: a grid that could not start
-        status = _status(grid, store)  # left nothing
+    failed: dict[str, str] = {}
+    with shell.session(store, "grid", grid.cells[0].cfg.ray,
+                       lambda own_ray: _check_fits(grid, own_ray)):
+        status = _status(grid, store)
         if resume:
             log.info("grid %s: %d cells done, %d in flight (continue from their checkpoint), "
                      "%d pending", store.uri, *map(len, status.values()))
@@ -302,12 +295,6 @@ def run_grid(spec: str | None, overrides: list[str], out: str, resume: bool) -> 
         if todo:
             shared = _prepare_experts(grid, store, contexts)
             failed = _failures(_fit(grid, store, shared, todo))
-    except ray.exceptions.RayTaskError as exc:
-        raise unwrap(exc) from None
-    finally:
-        disconnect(started_ray)
-        if lock is not None:
-            lock.release()
     rows = [store.read_json(f"{layout.grid_cell(cell)}/{layout.CELL_DONE}")
             for cell in _status(grid, store)["done"]]
     failed.update({c.id: "did not finish" for c in grid.cells if c.id not in failed

@@ -8,18 +8,20 @@ shared copy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import ray
 
 from mct_ray.config import Config
-from mct_ray.context import Context
+from mct_ray.context import Context, Launch
 from mct_ray.evaluate import EvalResult, eval_seed, train_and_test
 from mct_ray.experts import train_expert
-from mct_ray.loop import checkpoint_run_id, run_distillation
+from mct_ray.loop import load_checkpoint, run_distillation
 from mct_ray.pipeline import LocalBackend, make_distiller
 from mct_ray.progress import configure_logging
+from mct_ray.records import DistillOutcome
 from mct_ray.runtime import waits
 from mct_ray.runtime.codec import (data_from_numpy, expert_to_numpy, synthetic_from_numpy,
                                    synthetic_to_numpy, trajectory_from_numpy)
@@ -99,14 +101,14 @@ class RayEvals:
             for i in range(n)])
 
 
-def distill_from_refs(ctx: Context, store: Storage, expert_refs: list, submit, resume: bool,
-                      run_id: str, started: float):
+def distill_from_refs(ctx: Context, store: Storage, expert_refs: list, submit,
+                      launch: Launch) -> DistillOutcome:
     """The distillation loop on trajectories mapped zero-copy from the object store, in
     this process (the actor below, or a grid trial)."""
     trajectories = [trajectory_from_numpy(d, ctx.spec, ctx.cfg.needs_full)
                     for d in ray.get(expert_refs)]
-    return run_distillation(ctx, store, make_distiller(ctx, trajectories, store), submit, resume,
-                            run_id, started)
+    return run_distillation(ctx, store, make_distiller(ctx, trajectories, store), submit,
+                            launch)
 
 
 def needs(cfg: Config) -> dict[str, dict]:
@@ -128,23 +130,24 @@ class DistillWorker:
 
     Its constructor takes only small values, so the driver can always start another: after
     its process or node is lost, the next one finds the checkpoint its run wrote (by
-    `run_id`, unique per launch) and resumes from it. Where no node has room for an
+    its launch's `run_id`) and resumes from it. Where no node has room for an
     evaluation beside it (a cluster shrunk by a lost node, or one this small), it evaluates
     in its own process, with the same numbers.
     """
 
-    def __init__(self, cfg: Config, out_uri: str, run_id: str):
+    def __init__(self, cfg: Config, out_uri: str):
         configure_logging()
-        self.cfg, self.store, self.run_id = cfg, Storage.open(out_uri), run_id
+        self.cfg, self.store = cfg, Storage.open(out_uri)
 
-    def run(self, refs: dict, resume: bool, started: float,
-            gang_nodes: list[str] | None = None) -> dict:
+    def run(self, refs: dict, launch: Launch, gang_nodes: list[str] | None = None
+            ) -> DistillOutcome:
         """`refs`: {"data": ref, "experts": [ref, ...]}; refs inside a container reach the
         actor unresolved, so it (not Ray's argument passing) decides when to map them.
         `gang_nodes`: in a gang, the node of each worker (each holds a distillation share)."""
         ctx = Context.from_data(self.cfg, data_from_numpy(ray.get(refs["data"])),
                                 self.cfg.ray.distill_num_cpus)
-        restarted = checkpoint_run_id(self.store) == self.run_id
+        checkpoint = load_checkpoint(self.store)
+        restarted = checkpoint is not None and checkpoint.run_id == launch.run_id
         if restarted:
             log.warning("distillation actor restarted: resuming from its last checkpoint")
         held = waits.holdings(gang_nodes or [node_id()], needs(self.cfg)["distillation"])
@@ -156,6 +159,5 @@ class DistillWorker:
                         "distillation: evaluating in the distillation's own process",
                         needs(self.cfg)["evaluation"])
             submit = LocalBackend(ctx).submit_eval
-        outcome = distill_from_refs(ctx, self.store, refs["experts"], submit,
-                                    resume or restarted, self.run_id, started)
-        return vars(outcome)
+        return distill_from_refs(ctx, self.store, refs["experts"], submit,
+                                 dataclasses.replace(launch, resume=launch.resume or restarted))
