@@ -54,7 +54,7 @@ from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray.augment import Augmenter  # noqa: E402
 from mct_ray.config import AugmentConfig, DistillConfig, NetConfig  # noqa: E402
 from mct_ray.distill import Distiller  # noqa: E402
-from mct_ray.nets import make_spec  # noqa: E402
+from mct_ray.nets import Network, make_spec  # noqa: E402
 from mct_ray.shard import Shard  # noqa: E402
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms  # noqa: E402
 
@@ -87,8 +87,8 @@ def build(case: tuple, shard: Shard, device: str = "cpu") -> Distiller:
     labels = torch.arange(classes).repeat_interleave(ipc)
     cfg = DistillConfig(grad_mode=mode, batch_syn=batch, syn_steps=steps, expert_epochs=2,
                         max_start_epoch=2, lr_img=100.0)
-    return Distiller(spec, trajectories, images, labels.to(device), cfg,
-                     Augmenter(AugmentConfig()), seed=0, device=device, shard=shard)
+    return Distiller(Network(spec, device), trajectories, images, labels.to(device), cfg,
+                     Augmenter(AugmentConfig()), seed=0, shard=shard)
 
 
 def peak_tensor_bytes(fn) -> int:

@@ -45,7 +45,7 @@ from mct_ray.data import ImageData, load_data  # noqa: E402
 from mct_ray.distill import Distiller  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
 from mct_ray.experts import train_expert  # noqa: E402
-from mct_ray.nets import make_spec  # noqa: E402
+from mct_ray.nets import Network, make_spec  # noqa: E402
 from mct_ray.records import iterations_to_within, second_half_spread  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
 from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
@@ -141,7 +141,8 @@ def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, in
                   device) -> list[dict]:
     cfg = cfg.replace(seed=seed)  # the distillation's draws and the evaluation networks
     trajectories = [e.full if cfg.needs_full else e.convex for e in experts]
-    distiller = Distiller(spec, trajectories, images, labels, cfg.distill, aug, seed, device)
+    net = Network(spec, device)
+    distiller = Distiller(net, trajectories, images, labels, cfg.distill, aug, seed)
     rows = [{"iteration": 0, "acc_mean": init_acc, "seconds": 0.0}]
     best, best_acc = None, init_acc  # the best set by the ConvNet (None: the initial one)
     started = time.perf_counter()
@@ -150,7 +151,7 @@ def distill_curve(cfg, spec, data, experts, images, labels, aug, seed, every, in
         if it % every == 0:
             seconds = time.perf_counter() - started
             syn = distiller.snapshot()  # its iteration is `it`: seeds the evaluation
-            res = evaluate(cfg, spec, data, syn, device=device)
+            res = evaluate(cfg, net, data, syn)
             lr = syn.step_size
             rows.append({"iteration": it, "acc_mean": res.mean, "seconds": seconds,
                          "step_size": lr})
@@ -172,7 +173,7 @@ def prepare(protocol: str, device: str, data_root: str | None):
     data = subset(load_data(cfg0.data), proto)
     spec = make_spec(cfg0.net, data.shape, data.num_classes)
     aug = Augmenter(cfg0.augment)
-    experts = [train_expert(spec, data, cfg0.expert, aug, 0, i, device)
+    experts = [train_expert(Network(spec, device), data, cfg0.expert, aug, 0, i)
                for i in range(cfg0.expert.num_experts)]
     print(f"{len(experts)} experts in {time.perf_counter() - t0:.0f} s, test accuracy "
           f"{[round(100 * e.test_acc, 1) for e in experts]} %", flush=True)
@@ -198,14 +199,14 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
             images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
                                             generator(draw, "random-real-draw"))
             syn = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
-            acc = evaluate(ipc_cfg.replace(seed=draw), spec, data, syn, device=device).mean
+            acc = evaluate(ipc_cfg.replace(seed=draw), Network(spec, device), data, syn).mean
             rows.append({"ipc": ipc, "seed": draw, "variant": RANDOM_DRAWS, "iteration": 0,
                          "acc_mean": acc, "seconds": 0.0})
         for seed in (seeds or plan["seeds"]):
             images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
                                             generator(seed, "synthetic-init"))
             start = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
-            init = evaluate(ipc_cfg.replace(seed=seed), spec, data, start, device=device).mean
+            init = evaluate(ipc_cfg.replace(seed=seed), Network(spec, device), data, start).mean
             print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
             cross += score_on(models, ipc_cfg.replace(seed=seed), spec, data, start, device,
                               ipc=ipc, seed=seed, variant="Random real")
@@ -225,7 +226,7 @@ def score_on(models: tuple, cfg, spec, data, syn, device, **row) -> list[dict]:
     """`syn` trained on each architecture of `models` (eval.num_eval networks each)."""
     out = []
     for model in models:
-        res = evaluate(cfg, spec, data, syn, "final", device, model=model)
+        res = evaluate(cfg, Network(spec, device), data, syn, "final", model=model)
         print(f"  {row['variant']} (iteration {syn.iteration}) on {model}: "
               f"{100 * res.mean:.2f} %", flush=True)
         out.append({**row, "model": model, "iteration": syn.iteration, "acc_mean": res.mean})

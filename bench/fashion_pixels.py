@@ -27,7 +27,7 @@ from bench.common import print_table, save_table  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
 from mct_ray.data import load_data  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
-from mct_ray.nets import make_spec  # noqa: E402
+from mct_ray.nets import Network, make_spec  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
 from mct_ray.synthetic import SyntheticSet, init_synthetic  # noqa: E402
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, 1,
                                             generator(draw, "synthetic-init"))
             syn = SyntheticSet(images, labels, cfg.distill.lr_teacher, {"iteration": 0})
-            acc = evaluate(draw_cfg, spec, data, syn).mean
+            acc = evaluate(draw_cfg, Network(spec), data, syn).mean
             rows.append({"draw": draw, "pipeline": name, "channels": data.shape[0],
                          "features": dict(spec.param_shapes())["classifier.weight"][1],
                          "acc": 100 * acc})

@@ -27,7 +27,7 @@ from bench.common import print_table, save_table
 from bench.unroll_speed import setup
 from mct_ray.config import DistillConfig
 from mct_ray.distill import GRAD_MODES, Segment, Student, plan_unroll
-from mct_ray.nets import NetSpec
+from mct_ray.nets import NetSpec, Network
 
 
 def one_iteration(student: Student, images: torch.Tensor, seg: Segment, plans: list,
@@ -42,7 +42,8 @@ def one_iteration(student: Student, images: torch.Tensor, seg: Segment, plans: l
 
 def convnet_against_generic(args) -> list[dict]:
     p = setup("cifar10", args.ipc, args.steps, args.batch_syn, "cpu")
-    students = {k: Student(p.spec, p.labels, p.aug, kernels=k) for k in ("fast", "generic")}
+    students = {k: Student(Network(p.spec, kernels=k), p.labels, p.aug)
+                for k in ("fast", "generic")}
     one_iteration(students["fast"], p.images, p.seg, p.plans[:2], args.grad_mode)  # warm-up
     one_iteration(students["generic"], p.images, p.seg, p.plans[:2], args.grad_mode)
     times: dict[str, list[float]] = {k: [] for k in students}
@@ -70,7 +71,7 @@ def resnet_student(args) -> list[dict]:
         target = [t + 0.01 * torch.randn(t.shape, generator=gen) for t in start]
         base = setup("cifar10", 1, 1, 10, "cpu")  # the same augmentation as every bench
         plans = plan_unroll(10, 10, args.resnet_steps, 32, base.aug, gen)
-        student = Student(spec, labels, base.aug)
+        student = Student(Network(spec), labels, base.aug)
         seg = Segment(0, 0.0, 2.0, start, target)
         one_iteration(student, images, seg, plans[:1], args.resnet_grad_mode)  # warm-up
         seconds = [one_iteration(student, images, seg, plans, args.resnet_grad_mode)[0]

@@ -38,6 +38,7 @@ from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray.config import load_config  # noqa: E402
 from mct_ray.distill import teacher_labels  # noqa: E402
 from mct_ray.evaluate import evaluate  # noqa: E402
+from mct_ray.nets import Network  # noqa: E402
 from mct_ray.rng import generator  # noqa: E402
 from mct_ray.starting import final_network  # noqa: E402
 from mct_ray.synthetic import SyntheticSet, draw_correct_indices, init_synthetic  # noqa: E402
@@ -70,9 +71,11 @@ def teacher_accuracy(cfg, spec, data, experts, images, labels
     (mean softmax) name the class of the starting images, and those labels."""
     accs, probs = [], 0
     for e in experts:
-        on_test = teacher_labels(spec, e.convex, cfg.distill.max_start_epoch, data.test_x)
+        on_test = teacher_labels(Network(spec), e.convex, cfg.distill.max_start_epoch,
+                                 data.test_x)
         accs.append(float((on_test.argmax(1) == data.test_y).float().mean()))
-        probs = probs + teacher_labels(spec, e.convex, cfg.distill.max_start_epoch, images)
+        probs = probs + teacher_labels(Network(spec), e.convex,
+                                       cfg.distill.max_start_epoch, images)
     probs = probs / len(experts)
     return accs, float((probs.argmax(1) == labels).float().mean()), probs
 
@@ -80,7 +83,8 @@ def teacher_accuracy(cfg, spec, data, experts, images, labels
 def correct_images(cfg, spec, data, experts, seed, device):
     """The seed's starting images through DATM's filter (`distill.init_filter=correct`, as
     `mct_ray.starting` applies it), drawn in the same order as the unfiltered ones."""
-    ctx = types.SimpleNamespace(spec=spec, data=data, device=device, kernels="fast")
+    ctx = types.SimpleNamespace(spec=spec, data=data, device=device,
+                                net=Network(spec, device))
     idx = draw_correct_indices(data.train_y, data.num_classes, cfg.distill.ipc,
                                generator(seed, "synthetic-init"),
                                [final_network(ctx, e.convex) for e in experts])
@@ -106,12 +110,12 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
             images, labels = init_synthetic(data.train_x, data.train_y, data.num_classes, ipc,
                                             generator(seed, "synthetic-init"))
             start = SyntheticSet(images, labels, ipc_cfg.distill.lr_teacher, {"iteration": 0})
-            init = evaluate(ipc_cfg.replace(seed=seed), spec, data, start, device=device).mean
+            init = evaluate(ipc_cfg.replace(seed=seed), Network(spec, device), data, start).mean
             print(f"ipc {ipc} seed {seed}: random real images {100 * init:.2f} %", flush=True)
             accs, agree, soft = teacher_accuracy(ipc_cfg, spec, data, experts, images, labels)
-            taught = evaluate(ipc_cfg.replace(seed=seed), spec, data,
+            taught = evaluate(ipc_cfg.replace(seed=seed), Network(spec, device), data,
                               SyntheticSet(images, soft, ipc_cfg.distill.lr_teacher,
-                                           {"iteration": 0}, labels), device=device).mean
+                                           {"iteration": 0}, labels)).mean
             print(f"  the teachers (experts at epoch {ipc_cfg.distill.max_start_epoch:g}): "
                   f"test accuracy {[round(100 * a, 1) for a in accs]} %, their labels name the "
                   f"class of {100 * agree:.1f} % of the starting images, which score "
@@ -125,14 +129,14 @@ def run(protocol: str, device: str, data_root: str | None, only_ipc: list[int] |
                 if cfg.distill.init_filter == "correct":
                     x, y = correct_images(cfg, spec, data, experts, seed, device)
                     first = SyntheticSet(x, y, cfg.distill.lr_teacher, {"iteration": 0})
-                    acc0 = evaluate(cfg, spec, data, first, device=device).mean
+                    acc0 = evaluate(cfg, Network(spec, device), data, first).mean
                     kept = sum(any(torch.equal(a, b) for b in images) for a in x)
                     print(f"  {len(x) - kept} of the starting images replaced by images the "
                           f"experts get right: {100 * acc0:.2f} %", flush=True)
                 curve, best = fashion.distill_curve(cfg, spec, data, experts, x, y, aug, seed,
                                                     plan["every"], acc0, device)
                 best = best or first
-                hard = evaluate(cfg, spec, data, best.hard(), device=device).mean
+                hard = evaluate(cfg, Network(spec, device), data, best.hard()).mean
                 print(f"  best (iteration {best.iteration}) with hard labels: "
                       f"{100 * hard:.2f} %", flush=True)
                 rows += [{"ipc": ipc, "seed": seed, "variant": label, "hard_of_best": hard,

@@ -50,7 +50,7 @@ from bench.common import RESULTS, print_table, save_table  # noqa: E402
 from mct_ray.augment import Augmenter  # noqa: E402
 from mct_ray.config import AugmentConfig, DistillConfig, NetConfig  # noqa: E402
 from mct_ray.distill import GRAD_MODES, Segment, Student, plan_unroll  # noqa: E402
-from mct_ray.nets import make_spec  # noqa: E402
+from mct_ray.nets import Network, make_spec  # noqa: E402
 from mct_ray.trajectory import flatten, unflatten  # noqa: E402
 
 SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "tinyimagenet": (3, 64, 200),
@@ -125,7 +125,7 @@ def one_iteration(mode: str, p: Problem, autocast: str = "none"
     if mode == "reference":
         reference_iteration(p, x, lr)
         return x.grad, lr.grad
-    student = Student(p.spec, p.labels, p.aug, autocast, KERNELS[0])
+    student = Student(Network(p.spec, kernels=KERNELS[0]), p.labels, p.aug, autocast)
     # checkpoint: the library's default (one step per segment); checkpoint-sqrt: round(sqrt N)
     segments = round(len(p.plans) ** 0.5) if mode == "checkpoint-sqrt" else 0
     GRAD_MODES[GRAD_MODE_OF[mode]](student, x, lr, p.seg, p.plans,

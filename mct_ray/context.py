@@ -12,7 +12,7 @@ from mct_ray.augment import Augmenter
 from mct_ray.config import Config
 from mct_ray.data import ImageData, load_data
 from mct_ray.errors import DataError
-from mct_ray.nets import NetSpec, make_spec, resolve_kernels
+from mct_ray.nets import NetSpec, Network, make_spec, resolve_kernels
 from mct_ray.storage import Storage
 
 
@@ -22,10 +22,16 @@ class Context:
 
     cfg: Config
     data: ImageData
-    spec: NetSpec
+    net: Network  # the network description on this device, with its kernels
     aug: Augmenter
-    device: str
-    kernels: str  # the ConvNet's ops: fast, builtin or generic (run.kernels on this device)
+
+    @property
+    def spec(self) -> NetSpec:
+        return self.net.spec
+
+    @property
+    def device(self) -> str:
+        return self.net.device
 
     @classmethod
     def build(cls, cfg: Config) -> "Context":
@@ -40,8 +46,8 @@ class Context:
         if device != "cpu" and cfg.run.data_on_device and \
                 2 * data.nbytes < torch.cuda.mem_get_info(torch.device(device))[0]:
             data = data.to(device)  # minibatches drawn and augmented there, no host copies
-        return cls(cfg, data, spec, Augmenter(cfg.augment), device,
-                   resolve_kernels(cfg.run.kernels, device))
+        return cls(cfg, data, Network(spec, device, resolve_kernels(cfg.run.kernels, device)),
+                   Augmenter(cfg.augment))
 
 
 def setup_torch(cfg: Config, num_cpus: float = 0) -> str:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from mct_ray.augment import Augmenter, AugPlan
 from mct_ray.config import METHODS, DistillConfig, start_bounds
 from mct_ray.errors import DivergenceError, FormatError
-from mct_ray.nets import NetSpec
+from mct_ray.nets import NetSpec, Network
 from mct_ray.rng import generator
 from mct_ray.shard import Shard
 from mct_ray.synthetic import SyntheticSet
@@ -83,33 +83,32 @@ def sample_segment(trajectories: list[Trajectory], cfg: DistillConfig, gen: torc
     return Segment(k, c, target_epoch, start, target)
 
 
-def teacher_labels(spec: NetSpec, trajectory: Trajectory, epoch: float, images: torch.Tensor,
-                   kernels: str = "fast", batch: int = 256) -> torch.Tensor:
+def teacher_labels(net: Network, trajectory: Trajectory, epoch: float, images: torch.Tensor,
+                   batch: int = 256) -> torch.Tensor:
     """The MCT authors' teacher labels: the softmax of the expert's network at `epoch` of
     its trajectory, on the synthetic images as they are (no augmentation, no gradient)."""
-    return torch.softmax(_logits_at(spec, trajectory, min(epoch, trajectory.num_epochs),
-                                    images, kernels, batch), dim=1)
+    return torch.softmax(_logits_at(net, trajectory, min(epoch, trajectory.num_epochs),
+                                    images, batch), dim=1)
 
 
 @torch.no_grad()
-def _logits_at(spec: NetSpec, trajectory: Trajectory, epoch: float, images: torch.Tensor,
-               kernels: str, batch: int) -> torch.Tensor:
+def _logits_at(net: Network, trajectory: Trajectory, epoch: float, images: torch.Tensor,
+               batch: int) -> torch.Tensor:
     """The raw logits of the network at `epoch` of a trajectory, in batches of `batch`."""
-    params = unflatten(spec, trajectory.point(epoch).to(images.device, images.dtype))
-    return torch.cat([spec.forward(params, x, kernels) for x in images.split(batch)])
+    params = unflatten(net.spec, trajectory.point(epoch).to(images.device, images.dtype))
+    return torch.cat([net.forward(params, x) for x in images.split(batch)])
 
 
-def initial_label_logits(spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
-                         classes: torch.Tensor, kernels: str = "fast", batch: int = 256
-                         ) -> torch.Tensor:
+def initial_label_logits(net: Network, trajectories: list[Trajectory], images: torch.Tensor,
+                         classes: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """DATM's initial labels: per image, the mean of the raw logits of the experts' final
     networks that classify it correctly (of all of them, for an image none gets right)."""
-    total = torch.zeros(len(images), spec.num_classes, dtype=images.dtype,
+    total = torch.zeros(len(images), net.spec.num_classes, dtype=images.dtype,
                         device=images.device)
     right = torch.zeros(len(images), 1, dtype=images.dtype, device=images.device)
     every = torch.zeros_like(total)
     for traj in trajectories:
-        logits = _logits_at(spec, traj, traj.num_epochs, images, kernels, batch)
+        logits = _logits_at(net, traj, traj.num_epochs, images, batch)
         hit = (logits.argmax(1) == classes).to(images.dtype)[:, None]
         total += hit * logits
         right += hit
@@ -156,10 +155,10 @@ class Student:
     """The student's SGD step as a function of (parameters, images, step size); in a gang
     (`shard`), on this worker's rows of each minibatch, the gradient summed over workers."""
 
-    def __init__(self, spec: NetSpec, labels: torch.Tensor, aug: Augmenter,
-                 autocast: str = "none", kernels: str = "fast", shard: Shard = Shard()):
-        self.spec, self.labels, self.aug, self.autocast = spec, labels, aug, autocast
-        self.kernels, self.shard = kernels, shard
+    def __init__(self, net: Network, labels: torch.Tensor, aug: Augmenter,
+                 autocast: str = "none", shard: Shard = Shard()):
+        self.net, self.labels, self.aug, self.autocast = net, labels, aug, autocast
+        self.shard = shard
 
     def loss(self, params: list[torch.Tensor], images: torch.Tensor, plan: StepPlan
              ) -> torch.Tensor:
@@ -168,12 +167,12 @@ class Student:
         rows = self.shard.share(len(plan.indices))
         x = self.aug.apply(images[plan.indices[rows]], plan.aug.rows(rows))  # (B, C, H, W)
         y = self.labels[plan.indices[rows]]
-        pieces = num_chunks(self.spec, x)
+        pieces = num_chunks(self.net.spec, x)
         use_bf16 = self.autocast == "bf16"  # on a CPU: slower, but the same numerics
         total = 0.0
         for xc, yc in zip(x.tensor_split(pieces), y.tensor_split(pieces)):
             with torch.autocast(x.device.type, torch.bfloat16, enabled=use_bf16):
-                logits = self.spec.forward(params, xc, self.kernels)
+                logits = self.net.forward(params, xc)
             logits = logits.to(params[-1].dtype)  # the loss in the parameters' precision
             total = total + F.cross_entropy(logits, yc, reduction="sum")
         return total / len(plan.indices)
@@ -301,13 +300,13 @@ def _accumulate(leaf: torch.Tensor, grad: torch.Tensor | None) -> None:
 class Distiller:
     """Holds the synthetic set and its optimisers; `step()` runs one iteration."""
 
-    def __init__(self, spec: NetSpec, trajectories: list[Trajectory], images: torch.Tensor,
+    def __init__(self, net: Network, trajectories: list[Trajectory], images: torch.Tensor,
                  labels: torch.Tensor, cfg: DistillConfig, aug: Augmenter, seed: int,
-                 device: str = "cpu", kernels: str = "fast", shard: Shard = Shard()):
+                 shard: Shard = Shard()):
         if not trajectories:
             raise FormatError("no expert trajectories to distill from")
-        self.spec, self.trajectories, self.cfg, self.seed = spec, trajectories, cfg, seed
-        self.aug, self.device, self.shard = aug, device, shard
+        self.net, self.trajectories, self.cfg, self.seed = net, trajectories, cfg, seed
+        self.aug, self.shard, device = aug, shard, net.device
         self.images = images.detach().clone().to(device).requires_grad_()
         self.classes = labels.to(device)  # the class of each image
         self.labels = self.classes  # what the student trains on: soft once a teacher labels
@@ -315,11 +314,11 @@ class Distiller:
                                       device=device).requires_grad_()
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
         self.opt_lr = torch.optim.SGD([self.step_size], lr=cfg.lr_lr, momentum=cfg.momentum)
-        self.student = Student(spec, self.labels, aug, cfg.autocast, kernels, shard)
+        self.student = Student(net, self.labels, aug, cfg.autocast, shard)
         self.label_logits: torch.Tensor | None = None  # learned labels (DATM), as logits
         if cfg.labels == "learned":
-            self.label_logits = initial_label_logits(spec, trajectories, self.images.detach(),
-                                                     self.classes, kernels).requires_grad_()
+            self.label_logits = initial_label_logits(net, trajectories, self.images.detach(),
+                                                     self.classes).requires_grad_()
             self.opt_label = torch.optim.SGD([self.label_logits], lr=cfg.lr_label,
                                              momentum=cfg.momentum_label)
             self.set_labels(torch.softmax(self.label_logits.detach(), 1))
@@ -347,11 +346,10 @@ class Distiller:
 
     def step(self) -> StepResult:
         gen = generator(self.seed, "distill", self.iteration)
-        seg = sample_segment(self.trajectories, self.cfg, gen, self.device, self.iteration)
+        seg = sample_segment(self.trajectories, self.cfg, gen, self.net.device, self.iteration)
         if self.cfg.labels == "teacher":
-            self.set_labels(teacher_labels(self.spec, self.trajectories[seg.expert],
-                                           self.cfg.max_start_epoch, self.images,
-                                           self.student.kernels))
+            self.set_labels(teacher_labels(self.net, self.trajectories[seg.expert],
+                                           self.cfg.max_start_epoch, self.images))
         plans = plan_unroll(len(self.images), self.cfg.batch_syn, self.cfg.syn_steps,
                             self.images.shape[-1], self.aug, gen)
         learned = () if self.label_logits is None else (self.label_logits,)
@@ -420,11 +418,11 @@ class Distiller:
             self.images.copy_(state["images"])
             self.step_size.copy_(state["step_size"])
         labels = state["labels"]
-        n, k = len(self.images), self.spec.num_classes
+        n, k = len(self.images), self.net.spec.num_classes
         if tuple(labels.shape) not in ((n,), (n, k)):
             raise FormatError(f"distillation state has labels {tuple(labels.shape)}, the "
                               f"config makes ({n},) or ({n}, {k})")
-        self.set_labels(labels.to(self.device, self.images.dtype if labels.ndim == 2
+        self.set_labels(labels.to(self.net.device, self.images.dtype if labels.ndim == 2
                                   else self.classes.dtype))
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])

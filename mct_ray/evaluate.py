@@ -17,7 +17,7 @@ import torch
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, Config
 from mct_ray.data import ImageData
-from mct_ray.nets import NetSpec
+from mct_ray.nets import Network
 from mct_ray.progress import Progress
 from mct_ray.rng import derive_seed, generator
 from mct_ray.synthetic import SyntheticSet, init_synthetic
@@ -37,18 +37,16 @@ class EvalResult:
         return statistics.pstdev(self.accs) if len(self.accs) > 1 else 0.0
 
 
-def train_and_test(cfg: Config, spec: NetSpec, syn: SyntheticSet, test_x: torch.Tensor,
-                   test_y: torch.Tensor, seed: int, device: str = "cpu",
-                   kernels: str = "fast", model: str | None = None) -> float:
+def train_and_test(cfg: Config, network: Network, syn: SyntheticSet, test_x: torch.Tensor,
+                   test_y: torch.Tensor, seed: int, model: str | None = None) -> float:
     """Train one fresh network (the distillation's, or `model` of the zoo) on the synthetic
     set and return its test accuracy."""
-    e = cfg.eval
+    e, spec, device = cfg.eval, network.spec, network.device
     init = derive_seed(seed, "eval-init")
     if model is None:
-        net = spec.module(spec.init_params(torch.Generator().manual_seed(init)), kernels)
+        net = network.module(spec.init_params(torch.Generator().manual_seed(init)))
     else:  # the same input and classes; the ConvNets of the zoo follow width, depth, norm
-        net = dataclasses.replace(spec, name=model).build(init, "eval.models")
-    net = net.to(device)
+        net = dataclasses.replace(spec, name=model).build(init, "eval.models").to(device)
     opt = torch.optim.SGD(net.parameters(), lr=syn.step_size, momentum=e.momentum,
                           weight_decay=e.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [e.epochs // 2], gamma=0.1)
@@ -69,13 +67,12 @@ def eval_seed(seed: int, tag: str, iteration: int, index: int) -> int:
     return derive_seed(seed, f"eval-{tag}", iteration, index)
 
 
-def evaluate(cfg: Config, spec: NetSpec, data: ImageData, syn: SyntheticSet, tag: str = "syn",
-             device: str = "cpu", kernels: str = "fast", model: str | None = None
-             ) -> EvalResult:
+def evaluate(cfg: Config, network: Network, data: ImageData, syn: SyntheticSet,
+             tag: str = "syn", model: str | None = None) -> EvalResult:
     """eval.num_eval fresh networks trained on `syn`, seeded by its iteration and `tag`."""
     return EvalResult(tuple(
-        train_and_test(cfg, spec, syn, data.test_x, data.test_y,
-                       eval_seed(cfg.seed, tag, syn.iteration, i), device, kernels, model)
+        train_and_test(cfg, network, syn, data.test_x, data.test_y,
+                       eval_seed(cfg.seed, tag, syn.iteration, i), model)
         for i in range(cfg.eval.num_eval)))
 
 

@@ -19,7 +19,7 @@ from mct_ray.augment import Augmenter
 from mct_ray.config import ExpertConfig
 from mct_ray.data import ImageData
 from mct_ray.errors import DataError
-from mct_ray.nets import NetSpec
+from mct_ray.nets import NetSpec, Network
 from mct_ray.progress import Progress
 from mct_ray.rng import derive_seed, generator
 from mct_ray.storage import Storage
@@ -70,11 +70,11 @@ def anchor_points(cfg: ExpertConfig, snapshots: dict[int, torch.Tensor]) -> torc
     return torch.stack([t[0], *(t[e] for e in cfg.anchors), end])
 
 
-def train_expert(spec: NetSpec, data: ImageData, cfg: ExpertConfig, aug: Augmenter, seed: int,
-                 expert_id: int, device: str = "cpu", kernels: str = "fast") -> ExpertResult:
+def train_expert(network: Network, data: ImageData, cfg: ExpertConfig, aug: Augmenter,
+                 seed: int, expert_id: int) -> ExpertResult:
+    spec = network.spec
     theta_seed = init_seed(seed, expert_id)
-    net = spec.module(spec.init_params(torch.Generator().manual_seed(theta_seed)),
-                      kernels).to(device)
+    net = network.module(spec.init_params(torch.Generator().manual_seed(theta_seed)))
     params = list(net.parameters())  # in spec.param_shapes() order
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mct_ray.config import DistillConfig
-from mct_ray.nets import NetSpec
+from mct_ray.nets import Network
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class Footprint:
         return f"{self.total / 2**30:.2f} GiB"
 
 
-def saved_bytes(spec: NetSpec, shape: tuple[int, int, int], batch: int, device: str,
-                kernels: str) -> int:
+def saved_bytes(net: Network, shape: tuple[int, int, int], batch: int) -> int:
     """Bytes autograd saves for one SGD step on `batch` images, its graph kept."""
     seen: dict[tuple, int] = {}
 
@@ -50,23 +49,23 @@ def saved_bytes(spec: NetSpec, shape: tuple[int, int, int], batch: int, device: 
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         return t
 
-    gen = torch.Generator().manual_seed(0)
-    params = [p.to(device).requires_grad_() for p in spec.init_params(gen)]
+    gen, device = torch.Generator().manual_seed(0), net.device
+    params = [p.to(device).requires_grad_() for p in net.spec.init_params(gen)]
     x = torch.randn(batch, *shape, generator=gen).to(device).requires_grad_()
     y = torch.zeros(batch, dtype=torch.int64, device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(spec.forward(params, x, kernels), y)
+        loss = F.cross_entropy(net.forward(params, x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         sum((g * g).sum() for g in grads)  # the step's use of its gradient downstream
     return sum(seen.values())
 
 
-def estimate(cfg: DistillConfig, spec: NetSpec, shape: tuple[int, int, int], num_images: int,
-             workers: int = 1, device: str = "cpu", kernels: str = "fast") -> Footprint:
+def estimate(cfg: DistillConfig, net: Network, shape: tuple[int, int, int], num_images: int,
+             workers: int = 1) -> Footprint:
     """One iteration's peak on one worker of `workers`, for a set of `num_images`."""
-    one, two = (saved_bytes(spec, shape, b, device, kernels) for b in (1, 2))
+    one, two = (saved_bytes(net, shape, b) for b in (1, 2))
     per_image, per_step = two - one, max(2 * one - two, 0)
-    params = 4 * spec.num_params
+    params = 4 * net.spec.num_params
     rows = math.ceil((cfg.batch_syn or num_images) / workers)
     step = per_step + rows * per_image
     n = cfg.syn_steps

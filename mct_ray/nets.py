@@ -121,6 +121,25 @@ class NetSpec:
         return sum(math.prod(s) for _, s in self.param_shapes())
 
 
+@dataclass(frozen=True)
+class Network:
+    """A network description bound to where it runs: the device, and the ops the ConvNet
+    runs with (`kernels`: fast, builtin or generic; `resolve_kernels` picks them for a
+    device). Expert training, evaluation and distillation all take one."""
+
+    spec: NetSpec
+    device: str = "cpu"
+    kernels: str = "fast"
+
+    def forward(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The network at `params` on x (on the device) -> logits."""
+        return self.spec.forward(params, x, self.kernels)
+
+    def module(self, params: Sequence[torch.Tensor]) -> nn.Module:
+        """An nn.Module on the device holding a copy of `params`."""
+        return self.spec.module(params, self.kernels).to(self.device)
+
+
 @functools.lru_cache(maxsize=16)
 def _template(spec: NetSpec, device: str) -> nn.Module:
     """The module functional_call runs for `spec`: batch norm without running statistics

@@ -65,13 +65,12 @@ class LocalBackend:
     def train_experts(self, ids: list[int]) -> Iterator[ExpertResult]:
         c = self.ctx
         for i in ids:
-            yield train_expert(c.spec, c.data, c.cfg.expert_training, c.aug, c.cfg.seed, i,
-                               c.device, c.kernels)
+            yield train_expert(c.net, c.data, c.cfg.expert_training, c.aug, c.cfg.seed, i)
 
     def submit_eval(self, syn: SyntheticSet, tag: str, model: str | None = None
                     ) -> EvalFuture:
         c = self.ctx
-        return Finished(evaluate(c.cfg, c.spec, c.data, syn, tag, c.device, c.kernels, model))
+        return Finished(evaluate(c.cfg, c.net, c.data, syn, tag, model))
 
     def distill(self, store: Storage, launch: Launch) -> DistillOutcome:
         trajectories = load_experts(launch.experts, self.ctx.spec, self.ctx.cfg.needs_full)
@@ -193,9 +192,9 @@ def make_distiller(ctx: Context, trajectories: list[Trajectory],
     idx = starting.starting_indices(ctx, store, trajectories) if store is not None else \
         starting.resolve(ctx, trajectories)
     idx = idx.to(ctx.data.train_x.device)
-    return Distiller(ctx.spec, trajectories, ctx.data.train_x[idx].clone(),
+    return Distiller(ctx.net, trajectories, ctx.data.train_x[idx].clone(),
                      ctx.data.train_y[idx].clone(), cfg.distill, ctx.aug, cfg.seed,
-                     ctx.device, ctx.kernels, Shard.current())
+                     Shard.current())
 
 
 def evaluate_saved(ctx: Context, store: Storage, backend: Backend, source: Storage,

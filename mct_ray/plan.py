@@ -29,8 +29,7 @@ STUDENT_STEP_COST = 3  # a student step with its gradient and the outer backward
 def seconds_per_step(ctx, batch: int, repeats: int = 2) -> float:
     """Seconds of one training step of the run's network on `batch` images: one untimed
     warm-up step, then the fastest of `repeats` timed ones."""
-    net = ctx.spec.module(ctx.spec.init_params(torch.Generator().manual_seed(0)),
-                          ctx.kernels).to(ctx.device)
+    net = ctx.net.module(ctx.spec.init_params(torch.Generator().manual_seed(0)))
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     batch = max(1, min(batch, len(ctx.data.train_x)))
     x, y = ctx.data.train_x[:batch].to(ctx.device), ctx.data.train_y[:batch].to(ctx.device)

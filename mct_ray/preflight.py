@@ -75,11 +75,10 @@ def report_memory(ctx: Context) -> None:
     on a GPU that the estimate does not fit, a warning with how many workers would fit."""
     cfg = ctx.cfg
     workers = cfg.ray.distill_workers
-    one = footprint.estimate(cfg.distill, ctx.spec, ctx.data.shape, cfg.distill.ipc *
-                             ctx.data.num_classes, 1, ctx.device, ctx.kernels)
-    each = one if workers == 1 else footprint.estimate(
-        cfg.distill, ctx.spec, ctx.data.shape, cfg.distill.ipc * ctx.data.num_classes,
-        workers, ctx.device, ctx.kernels)
+    images = cfg.distill.ipc * ctx.data.num_classes
+    one = footprint.estimate(cfg.distill, ctx.net, ctx.data.shape, images)
+    each = one if workers == 1 else footprint.estimate(cfg.distill, ctx.net, ctx.data.shape,
+                                                       images, workers)
     log.info("distillation memory: about %s on one worker%s (grad_mode=%s, %d steps)", one,
              f", {each} per worker of ray.distill_workers={workers}" if workers > 1 else "",
              cfg.distill.grad_mode, cfg.distill.syn_steps)

@@ -101,5 +101,5 @@ def final_network(ctx, trajectory):
     def predict(indices: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = ctx.data.train_x[indices.to(ctx.data.train_x.device)].to(ctx.device)
-            return ctx.spec.forward(params, x, ctx.kernels).argmax(1)
+            return ctx.net.forward(params, x).argmax(1)
     return predict

@@ -55,7 +55,7 @@ def tiny_experts(tiny_ctx):
     from mct_ray.experts import train_expert
 
     cfg = tiny_ctx.cfg.replace(**{"expert.keep_full": True, "expert.anchors": [2]})
-    return [train_expert(tiny_ctx.spec, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, i)
+    return [train_expert(tiny_ctx.net, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, i)
             for i in range(2)]
 
 

@@ -27,7 +27,7 @@ from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, ExpertConfig, load_config
 from mct_ray.distill import Distiller, Segment, plan_unroll, sample_segment
 from mct_ray.experts import anchor_points, smoothing_epochs, train_expert
-from mct_ray.nets import NetSpec
+from mct_ray.nets import NetSpec, Network
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten, unflatten
 
 pytestmark = pytest.mark.core
@@ -129,7 +129,7 @@ def test_a_trained_expert_compresses_as_the_authors_script(tiny_ctx):
     c = tiny_ctx
     cfg = c.cfg.replace(**{"expert.keep_full": True, "expert.anchors": [1, 2],
                            "expert.smooth_anchors": True}).expert_training
-    result = train_expert(c.spec, c.data, cfg, c.aug, 0, 0)
+    result = train_expert(c.net, c.data, cfg, c.aug, 0, 0)
     ckpts = [unflatten(c.spec, p.double()) for p in result.full.checkpoints]
     waypoints = [0, 1, 2, cfg.epochs]
     points, steps = authors_compress(ckpts, waypoints)
@@ -209,7 +209,8 @@ def tesla_case(seed: int, batch: int, num_steps: int, syn_lr: float, recipe: str
     plans = plan_unroll(6, batch, num_steps, 8, aug, gen)  # shuffled passes, DSA
     theirs = authors_tesla(images, labels, start, target, syn_lr, plans, aug)
     cfg = load_config(recipe, overrides).distill
-    distiller = Distiller(SPEC, [ours(random_checkpoints(2), ())], images, labels, cfg, aug, 0)
+    distiller = Distiller(Network(SPEC), [ours(random_checkpoints(2), ())], images, labels, cfg,
+                          aug, 0)
     distiller.step_size = torch.tensor(syn_lr, dtype=torch.float64, requires_grad=True)
     distiller.compute_grads(Segment(0, 0.0, 1.0, start, target), plans)
     return theirs, distiller

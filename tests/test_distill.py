@@ -17,7 +17,7 @@ from mct_ray.distill import (GRAD_MODES, Distiller, Segment, Student, grad_check
                              grad_unroll, match_loss, num_chunks, plan_unroll, sample_segment)
 from mct_ray.errors import DivergenceError
 from mct_ray.fastops import conv3x3, instance_norm
-from mct_ray.nets import ConvNet, NetSpec
+from mct_ray.nets import ConvNet, NetSpec, Network
 from mct_ray.rng import generator
 from mct_ray.trajectory import unflatten
 
@@ -57,7 +57,7 @@ def test_unroll_matches_hand_written_sgd_loop():
         with torch.no_grad():
             for p in net.params:
                 p -= step_size * p.grad
-    student = Student(SPEC, labels, aug)
+    student = Student(Network(SPEC), labels, aug)
     final = student.run([leaf(p) for p in seg.start], leaf(images),
                         torch.tensor(step_size, dtype=torch.float64), plans, keep_graph=True)
     for ours, theirs in zip(final, net.params):
@@ -76,7 +76,7 @@ def test_match_loss_is_normalised_distance():
 
 def test_unroll_gradient_matches_finite_differences():
     images, labels, seg, aug, plans = problem(num_steps=3)
-    student = Student(SPEC, labels, aug)
+    student = Student(Network(SPEC), labels, aug)
     x, lr = leaf(images), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     grad_unroll(student, x, lr, seg, plans)
 
@@ -98,7 +98,7 @@ def test_unroll_gradient_matches_finite_differences():
 
 def grads_of(mode, dtype=torch.float32, num_steps=6, num_segments=0):
     images, labels, seg, aug, plans = problem(dtype=dtype, num_steps=num_steps)
-    student = Student(SPEC, labels, aug)
+    student = Student(Network(SPEC), labels, aug)
     x, lr = leaf(images), torch.tensor(0.1, dtype=dtype, requires_grad=True)
     cfg = DistillConfig(checkpoint_segments=num_segments)
     loss = GRAD_MODES[mode](student, x, lr, seg, plans, cfg)
@@ -265,7 +265,7 @@ def _unroll_and_checkpoint_grads() -> dict:
     grads = {}
     for mode in ("unroll", "checkpoint"):
         x, lr = leaf(images), torch.tensor(0.01, requires_grad=True)
-        student = Student(spec, labels, aug)
+        student = Student(Network(spec), labels, aug)
         GRAD_MODES[mode](student, x, lr, seg, plans, DistillConfig())
         grads[mode] = (x.grad, lr.grad)
     return grads
@@ -308,13 +308,13 @@ def _cifar_student(num_images: int, autocast: str = "none"):
     labels = torch.arange(num_images) % 10
     aug = Augmenter(AugmentConfig())
     plans = plan_unroll(num_images, 0, 2, 32, aug, gen)
-    return Student(spec, labels, aug, autocast), spec.init_params(gen), images, plans
+    return Student(Network(spec), labels, aug, autocast), spec.init_params(gen), images, plans
 
 
 def test_student_step_has_the_same_bits_with_and_without_a_graph():
     """What lets checkpoint/tesla sweep forward without building the double backward."""
     student, params, images, plans = _cifar_student(40)
-    assert num_chunks(student.spec, images) == 2  # the chunked path is the one tested
+    assert num_chunks(student.net.spec, images) == 2  # the chunked path is the one tested
     lr = torch.tensor(0.01)
     first, _ = student.step([leaf(p) for p in params], images, lr, plans[0], create_graph=False)
     second, _ = student.step([leaf(p) for p in params], leaf(images), lr.requires_grad_(),
@@ -324,7 +324,7 @@ def test_student_step_has_the_same_bits_with_and_without_a_graph():
 
 def test_chunked_loss_equals_the_whole_batch(monkeypatch):
     images, labels, seg, aug, plans = problem()
-    student = Student(SPEC, labels, aug)
+    student = Student(Network(SPEC), labels, aug)
     whole = student.loss(seg.start, images, plans[0])
     monkeypatch.setattr("mct_ray.distill.CPU_CHUNK_BYTES", 1)  # one image per chunk
     assert num_chunks(SPEC, images[plans[0].indices]) == len(plans[0].indices)
@@ -346,7 +346,7 @@ def test_bf16_autocast_runs_exactly_replayable_and_close_to_float32():
     seg = Segment(0, 0.0, 1.0, params, target)
     out = {}
     for name, mode_student in (("unroll", student), ("checkpoint", student),
-                               ("fp32", Student(student.spec, student.labels, student.aug))):
+                               ("fp32", Student(student.net, student.labels, student.aug))):
         x, lr = leaf(images), torch.tensor(0.01, requires_grad=True)
         if name == "checkpoint":
             grad_checkpoint(mode_student, x, lr, seg, plans, 0)
@@ -367,8 +367,8 @@ def test_builtin_and_generic_kernels_give_the_same_gradient_as_the_hand_written_
     out = {}
     for kernels in ("fast", "builtin", "generic"):
         x, lr = leaf(images), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-        loss = GRAD_MODES[mode](Student(SPEC, labels, aug, kernels=kernels), x, lr, seg, plans,
-                                DistillConfig())
+        student = Student(Network(SPEC, kernels=kernels), labels, aug)
+        loss = GRAD_MODES[mode](student, x, lr, seg, plans, DistillConfig())
         out[kernels] = (float(loss), x.grad, lr.grad)
     for other in ("builtin", "generic"):
         assert out[other][0] == pytest.approx(out["fast"][0], rel=1e-12)

@@ -111,7 +111,7 @@ def test_smoothed_piecewise_path_equals_the_compression_formula(tiny_ctx):
 
     cfg = tiny_ctx.cfg.replace(**{"expert.epochs": 8, "expert.anchors": [2, 5],
                                   "expert.smooth_anchors": True, "expert.keep_full": True})
-    result = train_expert(tiny_ctx.spec, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, 0)
+    result = train_expert(tiny_ctx.net, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, 0)
     for c in (0.0, 0.3, 1.0, 1.99, 2.0, 2.5, 4.7, 5.0, 6.25, 7.5, 7.99, 8.0):
         want = compression_formula(result.full.checkpoints, tiny_ctx.spec, [0, 2, 5, 8], c)
         got = result.convex.point(c).double()
@@ -122,9 +122,9 @@ def test_smoothing_changes_only_the_anchor_points(tiny_ctx):
     from mct_ray.experts import train_expert
 
     over = {"expert.epochs": 6, "expert.anchors": [3], "expert.keep_full": True}
-    plain = train_expert(tiny_ctx.spec, tiny_ctx.data, tiny_ctx.cfg.replace(**over).expert,
+    plain = train_expert(tiny_ctx.net, tiny_ctx.data, tiny_ctx.cfg.replace(**over).expert,
                          tiny_ctx.aug, 0, 0)
-    smooth = train_expert(tiny_ctx.spec, tiny_ctx.data,
+    smooth = train_expert(tiny_ctx.net, tiny_ctx.data,
                           tiny_ctx.cfg.replace(**over, **{"expert.smooth_anchors": True}).expert,
                           tiny_ctx.aug, 0, 0)
     full = plain.full.checkpoints
@@ -148,7 +148,7 @@ def test_storage_bytes_grow_with_anchors(tiny_ctx):
     sizes = []
     for anchors in ([], [1], [1, 2]):
         cfg = tiny_ctx.cfg.replace(**{"expert.anchors": anchors})
-        result = train_expert(tiny_ctx.spec, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, 0)
+        result = train_expert(tiny_ctx.net, tiny_ctx.data, cfg.expert, tiny_ctx.aug, 0, 0)
         sizes.append(len(formats.save_trajectory(result.convex)))
     per_anchor = 4 * tiny_ctx.spec.num_params
     assert sizes[1] - sizes[0] == pytest.approx(per_anchor, rel=0.01)

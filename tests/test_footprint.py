@@ -13,7 +13,7 @@ from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, DistillConfig, NetConfig
 from mct_ray.distill import Distiller
 from mct_ray.footprint import estimate
-from mct_ray.nets import make_spec
+from mct_ray.nets import Network, make_spec
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms
 
 pytestmark = pytest.mark.core
@@ -41,21 +41,21 @@ def test_the_estimate_is_within_a_third_of_the_measured_peak(tmp_path, mode, sha
     beta = beta_from_step_norms(torch.rand(4, len(spec.param_shapes()), generator=gen))
     cfg = DistillConfig(grad_mode=mode, syn_steps=steps, batch_syn=batch, expert_epochs=2,
                         max_start_epoch=2)
-    distiller = Distiller(spec, [ConvexTrajectory(spec, (0, 4), torch.stack([start, end]),
+    distiller = Distiller(Network(spec), [ConvexTrajectory(spec, (0, 4), torch.stack([start, end]),
                                                   beta)],
                           torch.randn(10 * ipc, *shape, generator=gen),
                           torch.arange(10).repeat_interleave(ipc), cfg,
                           Augmenter(AugmentConfig()), seed=0)
     distiller.step()  # optimiser states exist before the measured iteration, as in a run
     measured = peak_tensor_bytes(distiller.step, tmp_path)
-    estimated = estimate(cfg, spec, shape, 10 * ipc).total
+    estimated = estimate(cfg, Network(spec), shape, 10 * ipc).total
     assert 0.9 <= estimated / measured <= 1.35, (estimated, measured)
 
 
 def test_workers_share_the_rows_of_each_step():
     spec = make_spec(NetConfig(width=16, depth=2), (3, 16, 16), 10)
     cfg = DistillConfig(grad_mode="unroll", syn_steps=10)
-    one, two = (estimate(cfg, spec, (3, 16, 16), 100, w) for w in (1, 2))
+    one, two = (estimate(cfg, Network(spec), (3, 16, 16), 100, w) for w in (1, 2))
     rows = 11 * 50 * one.graph_per_image  # (N + the backward's step) x the rows moved
     assert one.total - two.total == rows
     assert one.graph_per_image > 0 and one.params == 4 * spec.num_params

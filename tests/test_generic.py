@@ -17,7 +17,7 @@ from mct_ray.cli import main
 from mct_ray.config import AugmentConfig, DistillConfig
 from mct_ray.distill import GRAD_MODES, Segment, Student, grad_unroll, plan_unroll
 from mct_ray.errors import FormatError
-from mct_ray.nets import NetSpec
+from mct_ray.nets import NetSpec, Network
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms, flatten
 from tests.conftest import TINY
 
@@ -60,7 +60,7 @@ def test_the_generic_path_equals_the_fast_convnet_in_float32():
     """Forward, one SGD step, and the image gradient through an unroll of 5 steps, to 1e-5
     relative: the same parameters through functional_call over zoo's convnet module."""
     images, labels, seg, aug, plans = student_problem(CONVNET, torch.float32)
-    fast, generic = (Student(CONVNET, labels, aug, kernels=k) for k in ("fast", "generic"))
+    fast, generic = (Student(Network(CONVNET, kernels=k), labels, aug) for k in ("fast", "generic"))
     close(CONVNET.forward(seg.start, images, "generic"), CONVNET.forward(seg.start, images), 1e-5)
     lr = torch.tensor(0.01)
     leaves = lambda: [p.clone().requires_grad_() for p in seg.start]  # noqa: E731
@@ -100,7 +100,7 @@ def test_unroll_gradients_of_resnet_and_vgg_match_finite_differences(name):
     spec = NetSpec(name, 1, 8, 2, 128, 2, "instancenorm")
     images, labels, seg, aug, plans = student_problem(spec, torch.float64, num_images=4,
                                                       num_steps=2, augment=False)
-    student = Student(spec, labels, aug)
+    student = Student(Network(spec), labels, aug)
     lr = torch.tensor(1e-4, dtype=torch.float64)
     x, step = images.clone().requires_grad_(), lr.clone().requires_grad_()
     grad_unroll(student, x, step, seg, plans)
@@ -122,7 +122,7 @@ def test_every_gradient_mode_runs_a_batch_norm_resnet(mode):
     for m in ("unroll", mode):
         x, step = images.clone().requires_grad_(), torch.tensor(1e-3, dtype=torch.float64,
                                                                  requires_grad=True)
-        GRAD_MODES[m](Student(spec, labels, aug), x, step, seg, plans, DistillConfig())
+        GRAD_MODES[m](Student(Network(spec), labels, aug), x, step, seg, plans, DistillConfig())
         grads[m] = x.grad
     if mode == "checkpoint":
         torch.testing.assert_close(grads[mode], grads["unroll"], rtol=1e-9, atol=1e-12)

@@ -11,7 +11,7 @@ import torch
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, DistillConfig
 from mct_ray.distill import GRAD_MODES, Segment, Student, plan_unroll
-from mct_ray.nets import NetSpec
+from mct_ray.nets import NetSpec, Network
 
 pytestmark = [pytest.mark.core, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -37,7 +37,7 @@ def grads(mode, device, dtype, kernels="fast", autocast="none"):
     images, labels, seg, aug, plans = problem(dtype, device)
     x = images.clone().requires_grad_()
     lr = torch.tensor(0.01, dtype=dtype, device=device, requires_grad=True)
-    student = Student(SPEC, labels, aug, autocast, kernels)
+    student = Student(Network(SPEC, kernels=kernels), labels, aug, autocast)
     loss = GRAD_MODES[mode](student, x, lr, seg, plans, DistillConfig())
     return float(loss), x.grad.double().cpu(), float(lr.grad)
 
@@ -77,7 +77,6 @@ def test_data_lives_on_the_device_and_experts_train_there():
 
     cfg = load_config("digits", ["expert.epochs=2", "net.width=16", "run.device=cuda"])
     ctx = Context.build(cfg)
-    assert ctx.data.train_x.is_cuda and ctx.kernels == "builtin"
-    result = train_expert(ctx.spec, ctx.data, cfg.expert, ctx.aug, 0, 0, ctx.device,
-                          ctx.kernels)
+    assert ctx.data.train_x.is_cuda and ctx.net.kernels == "builtin"
+    result = train_expert(ctx.net, ctx.data, cfg.expert, ctx.aug, 0, 0)
     assert result.test_acc > 0.5

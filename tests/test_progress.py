@@ -45,14 +45,14 @@ def test_experts_and_evaluations_report_progress(tiny_ctx, caplog, monkeypatch):
     monkeypatch.setattr(progress, "EVERY_S", 0.0)
     caplog.set_level(logging.INFO, "mct_ray.progress")
     c = tiny_ctx
-    train_expert(c.spec, c.data, c.cfg.expert_training, c.aug, 0, 0)
+    train_expert(c.net, c.data, c.cfg.expert_training, c.aug, 0, 0)
     lines = [r.getMessage() for r in caplog.records]
     assert lines and all(re.fullmatch(r"expert 0: \d+ % of [\d,]+ images \(epoch \d/4\), "
                                       r"[\d,.]+ images/s, about .* left", m) for m in lines)
     assert lines[-1].startswith("expert 0: 100 % ") and "epoch 4/4" in lines[-1]
     caplog.clear()
     from mct_ray.evaluate import random_real
-    evaluate(c.cfg, c.spec, c.data, random_real(c.cfg, c.data))
+    evaluate(c.cfg, c.net, c.data, random_real(c.cfg, c.data))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == c.cfg.eval.num_eval * c.cfg.eval.epochs
     assert lines[-1].startswith("evaluation of iteration 0 on convnet: 100 % of 3 epochs")

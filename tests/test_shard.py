@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from mct_ray.augment import Augmenter
 from mct_ray.config import AugmentConfig, DistillConfig
 from mct_ray.distill import Distiller
-from mct_ray.nets import NetSpec
+from mct_ray.nets import NetSpec, Network
 from mct_ray.shard import Shard
 from mct_ray.trajectory import ConvexTrajectory, beta_from_step_norms
 
@@ -47,7 +47,7 @@ def build(case, shard: Shard) -> Distiller:
     cfg = DistillConfig(grad_mode=mode, batch_syn=batch, labels=labels, syn_steps=3,
                         expert_epochs=1.5, max_start_epoch=2.5, lr_img=10.0, lr_lr=1e-3,
                         lr_label=5.0)
-    return Distiller(SPEC, trajectories, images, torch.tensor([0, 0, 1, 1, 2, 2]), cfg,
+    return Distiller(Network(SPEC), trajectories, images, torch.tensor([0, 0, 1, 1, 2, 2]), cfg,
                      Augmenter(AugmentConfig(enabled=True, mode="all")), seed=3, shard=shard)
 
 

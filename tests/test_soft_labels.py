@@ -26,6 +26,7 @@ from mct_ray.distill import Distiller, plan_unroll
 from mct_ray.errors import FormatError
 from mct_ray.evaluate import evaluate
 from mct_ray.experts import anchor_points, smoothing_epochs
+from mct_ray.nets import Network
 from mct_ray.rng import generator
 from mct_ray.synthetic import SyntheticSet
 from mct_ray.training import train_epoch
@@ -72,8 +73,8 @@ def teacher_case(overrides=()):
     images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
     classes = torch.tensor([0, 0, 1, 1, 2, 2])
     aug = Augmenter(AugmentConfig(enabled=True, mode="all"))
-    distiller = Distiller(SPEC, [convex64(c) for c in checkpoints], images, classes, cfg, aug,
-                          seed=3)
+    distiller = Distiller(Network(SPEC), [convex64(c) for c in checkpoints], images, classes,
+                          cfg, aug, seed=3)
     return checkpoints, distiller, images
 
 
@@ -182,7 +183,7 @@ def test_a_teacher_label_run_scores_hard_labels_beside_and_eval_reads_its_labels
     from mct_ray.context import Context
 
     ctx = Context.build(load_config("digits", [*TINY, "distill.labels=teacher"]))
-    assert scored["accs"] == list(evaluate(ctx.cfg, ctx.spec, ctx.data, last, "final").accs)
+    assert scored["accs"] == list(evaluate(ctx.cfg, ctx.net, ctx.data, last, "final").accs)
     assert scored["labels"] == "soft"
 
 
@@ -334,7 +335,7 @@ def learned_case(mode: str, steps: int = 3):
     images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
     classes = torch.tensor([0, 0, 1, 1, 2, 2])
     aug = Augmenter(AugmentConfig(enabled=True, mode="all"))
-    distiller = Distiller(SPEC, trajs, images, classes, cfg, aug, seed=0)
+    distiller = Distiller(Network(SPEC), trajs, images, classes, cfg, aug, seed=0)
     distiller.step_size = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     start = [p.double() for p in SPEC.init_params(torch.Generator().manual_seed(2))]
     target = [p + 0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
@@ -350,7 +351,7 @@ def matching_loss_at(distiller, seg, plans, logits) -> float:
     """The matching loss after the unroll with labels softmax(logits), computed afresh."""
     from mct_ray.distill import Student, match_loss
 
-    student = Student(SPEC, torch.softmax(logits, 1), distiller.aug)
+    student = Student(Network(SPEC), torch.softmax(logits, 1), distiller.aug)
     final = student.run([p.clone() for p in seg.start], distiller.images.detach(),
                         distiller.step_size.detach(), plans, keep_graph=False)
     return float(match_loss(final, seg))

@@ -40,8 +40,8 @@ def train_expert_task(cfg: Config, data: dict, expert_id: int) -> dict:
     """One expert; the trajectory comes back as numpy arrays, owned by the caller."""
     configure_logging()
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.expert_num_cpus)
-    result = train_expert(ctx.spec, ctx.data, cfg.expert_training, ctx.aug, cfg.seed,
-                          expert_id, ctx.device, ctx.kernels)
+    result = train_expert(ctx.net, ctx.data, cfg.expert_training, ctx.aug, cfg.seed,
+                          expert_id)
     return {**expert_to_numpy(result, ctx.spec), "node_id": node_id()}
 
 
@@ -52,9 +52,8 @@ def evaluate_task(cfg: Config, data: dict, snapshot: dict, tag: str, index: int,
     configure_logging()
     ctx = Context.from_data(cfg, data_from_numpy(data), cfg.ray.eval_num_cpus)
     syn = synthetic_from_numpy(snapshot)
-    return train_and_test(cfg, ctx.spec, syn, ctx.data.test_x, ctx.data.test_y,
-                          eval_seed(cfg.seed, tag, syn.iteration, index), ctx.device,
-                          ctx.kernels, model)
+    return train_and_test(cfg, ctx.net, syn, ctx.data.test_x, ctx.data.test_y,
+                          eval_seed(cfg.seed, tag, syn.iteration, index), model)
 
 
 SETS = {"syn": "the synthetic set", "baseline": "the random real images",
