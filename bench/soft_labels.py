@@ -13,6 +13,8 @@ the images' own score.
     python -m bench.soft_labels --ipc 10 --variants datm \\
         --with bench/results/soft_labels_reduced_ipc10.parquet   # one more variant, summarised
     python -m bench.soft_labels --protocol tiny    # seconds (the tests)
+    python -m bench.soft_labels --summarise bench/results/soft_labels_reduced_ipc1.parquet
+                                                   # a saved run's curves and table, re-printed
 
 Writes bench/results/soft_labels_<protocol>.parquet (a row per evaluation), .png and
 _summary.parquet; last line fashion_soft_minus_hard_ipc10=<points: per seed, the best
@@ -193,7 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with", dest="earlier", nargs="*", default=[], metavar="PARQUET",
                         help="rows of earlier runs of this protocol (other variants: the "
                         "experts and starting images are the same) summarised with this run's")
+    parser.add_argument("--summarise", nargs="*", default=[], metavar="PARQUET",
+                        help="print the curves, table and last line of saved runs' rows; "
+                        "nothing runs, nothing is written")
     args = parser.parse_args(argv)
+    if args.summarise:
+        rows = [r for f in args.summarise for r in pq.read_table(f).to_pylist()]
+        print_curves(rows)
+        report(rows)
+        return 0
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     variants = tuple(v for v in VARIANTS if not args.variants or v[0] in args.variants)
@@ -206,18 +216,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.earlier:
         rows = [r for f in args.earlier for r in pq.read_table(f).to_pylist()] + rows
         name += "_combined"
-    table = summarise(rows)
-    save_table(f"{name}_summary", table, out)
+    save_table(f"{name}_summary", summarise(rows), out)
     drawn = {r["variant"] for r in rows}
     fashion.plot(rows, out / f"{name}.png", [v[0] for v in VARIANTS if v[0] in drawn])
-    print_table(table)
     print(f"wall time {time.perf_counter() - started:.0f} s")
+    report(rows)
+    return 0
+
+
+def report(rows: list[dict]) -> None:
+    """The summary table and the last line."""
+    print_table(summarise(rows))
     ipcs = sorted({r["ipc"] for r in rows})
     labels = {r["variant"] for r in rows}
     if {"hard"} < labels:
         ipc = 10 if 10 in ipcs else ipcs[0]
         print(f"fashion_soft_minus_hard_ipc{ipc}={soft_minus_hard(rows, ipc):.2f}")
-    return 0
+
+
+def print_curves(rows: list[dict]) -> None:
+    """Each run's evaluations as the run prints them, from its rows."""
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault((r["ipc"], r["seed"], r["variant"]), []).append(r)
+    for (ipc, seed, variant), curve in runs.items():
+        print(f"ipc {ipc} seed {seed}: {variant}")
+        for r in sorted(curve, key=lambda r: r["iteration"]):
+            print(f"  it {r['iteration']}: {100 * r['acc_mean']:.2f} %")
+        best = max(curve, key=lambda r: (r["acc_mean"], -r["iteration"]))
+        print(f"  best (iteration {best['iteration']}) with hard labels: "
+              f"{100 * best['hard_of_best']:.2f} %")
 
 
 if __name__ == "__main__":

@@ -247,3 +247,11 @@ def test_bench_soft_labels_tiny_protocol_runs(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("fashion_soft_minus_hard_ipc1=")
     assert float(last.split("=")[1]) == round(soft_labels.soft_minus_hard(rows, 1), 2)
+    # --summarise re-prints saved runs (nothing runs): each run's curve and the same last line
+    written = sorted((tmp_path / "out").iterdir())
+    assert soft_labels.main(["--summarise", str(first),
+                             str(tmp_path / "out" / "soft_labels_tiny_datm.parquet")]) == 0
+    again = capsys.readouterr().out.strip().splitlines()
+    assert again[-1] == last and sorted((tmp_path / "out").iterdir()) == written
+    assert sum(line.startswith("ipc 1 seed ") for line in again) == len(
+        {(r["seed"], r["variant"]) for r in rows})
