@@ -69,7 +69,7 @@ class NetSpec:
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         if self.functional:
-            return _convnet_shapes(self)
+            return list(_convnet_shapes(self))
         return [(n, tuple(p.shape)) for n, p in _template(self, "cpu").named_parameters()]
 
     def forward(self, params: Sequence[torch.Tensor], x: torch.Tensor,
@@ -155,19 +155,15 @@ def _template(spec: NetSpec, device: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # ConvNet: [conv3x3(width) -> instance norm -> ReLU -> avgpool2] x depth -> linear.
 
+@functools.lru_cache(maxsize=64)
 def _convnet_shapes(spec: NetSpec) -> list[tuple[str, tuple[int, ...]]]:
-    shapes, in_ch = [], spec.channels
-    for i in range(spec.depth):
-        shapes.append((f"blocks.{i}.conv.weight", (spec.width, in_ch, 3, 3)))
-        shapes.append((f"blocks.{i}.conv.bias", (spec.width,)))
-        if spec.norm == "instancenorm":
-            shapes.append((f"blocks.{i}.norm.weight", (spec.width,)))
-            shapes.append((f"blocks.{i}.norm.bias", (spec.width,)))
-        in_ch = spec.width
-    side = spec.feature_side
-    shapes.append(("classifier.weight", (spec.num_classes, spec.width * side * side)))
-    shapes.append(("classifier.bias", (spec.num_classes,)))
-    return shapes
+    """The parameter layout of the zoo's ConvNet (`zoo.convnet`, the module the evaluation
+    and expert training run for `convnet` with run.kernels=generic): the written-out forward
+    below takes its parameters in this order. Built on the meta device: no memory, no init."""
+    with torch.device("meta"):
+        net = zoo.convnet(spec.channels, spec.num_classes, spec.resolution, spec.width,
+                          spec.depth, spec.norm)
+    return [(n, tuple(p.shape)) for n, p in net.named_parameters()]
 
 
 def _convnet_forward(spec: NetSpec, params: Sequence[torch.Tensor], x: torch.Tensor,

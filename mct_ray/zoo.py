@@ -61,7 +61,7 @@ def convnet(channels: int, num_classes: int, resolution: int, width: int = 128,
 
 
 class _ConvNet(nn.Module):
-    # Parameter names as in nets.py: blocks.{i}.conv.weight, blocks.{i}.norm.weight, ...
+    # The owner of the ConvNet's parameter layout: nets.py's written-out forward reads it.
     def __init__(self, channels, num_classes, resolution, width, depth, norm, act, pool):
         super().__init__()
         self.blocks, side, in_ch = nn.ModuleList(), resolution, channels
