@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Callable
 
 from mct_ray import layout, pipeline, plan, preflight, runfolder
 from mct_ray.runtime import shell
@@ -95,9 +96,9 @@ def run_command(args: argparse.Namespace) -> dict:
     runfolder.guard(store, cfg, phases, resume, overwrite, experts_here=not given)
     ctx = Context.build(cfg)
     preflight.check_run(ctx, phases, experts)
-    with shell.session(store, args.command, None if args.local else cfg.ray,
-                       lambda own_ray: _check_room(cfg, phases)):
-        backend = _backend(ctx, args.local)
+    check_room, make_backend = _backends(ctx, args.local, phases)
+    with shell.session(store, args.command, None if args.local else cfg.ray, check_room):
+        backend = make_backend()
         runfolder.guard(store, cfg, phases, resume, overwrite, experts_here=not given)
         if args.command == "eval":
             source, name = _synthetic_source(store, args.synthetic)
@@ -111,20 +112,17 @@ def run_command(args: argparse.Namespace) -> dict:
                             Launch(experts, resume, uuid.uuid4().hex, started)).to_dict()
 
 
-def _check_room(cfg: Config, phases: tuple[str, ...]) -> None:
-    """Each phase's work fits some node of the cluster the session joined."""
-    from mct_ray.runtime.backend import check_room
-
-    check_room(cfg, phases)
-
-
-def _backend(ctx: Context, local: bool) -> pipeline.Backend:
-    """This process, or the Ray the session connected to."""
+def _backends(ctx: Context, local: bool, phases: tuple[str, ...]
+              ) -> tuple[Callable[[bool], None], Callable[[], pipeline.Backend]]:
+    """(the room check, the backend) of this process, or of the Ray the session joins: each
+    phase's work must fit some node. The Ray modules are imported here, before Ray starts
+    and before a SIGTERM can be expected (a signal during a long import reaches library
+    code first)."""
     if local:
-        return pipeline.LocalBackend(ctx)
-    from mct_ray.runtime.backend import RayBackend
+        return (lambda own_ray: None), (lambda: pipeline.LocalBackend(ctx))
+    from mct_ray.runtime.backend import RayBackend, check_room
 
-    return RayBackend(ctx)
+    return (lambda own_ray: check_room(ctx.cfg, phases)), (lambda: RayBackend(ctx))
 
 
 def _synthetic_source(store: Storage, synthetic: str | None) -> tuple[Storage, str]:
@@ -146,9 +144,10 @@ def cmd_grid(args: argparse.Namespace):
     return run_grid(args.spec, args.overrides, out, args.resume)
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM: end the command like Ctrl-C does (locks released, a Ray of its own shut
-    down), at any point."""
+    down), at any point. A BaseException, as KeyboardInterrupt is: library code that
+    catches Exception (some do, around optional imports) must not swallow it."""
 
 
 def _on_sigterm(signum, frame):

@@ -72,21 +72,31 @@ def connect(cfg: RayConfig) -> bool:
 
     With RAY_ADDRESS set, join that cluster; without, start a Ray for this job alone. A Ray
     already initialised in this process (tests, notebooks) is used as it is. ray.init
-    replaces the process's SIGTERM handler with a bare sys.exit; the caller's is put back,
-    so SIGTERM ends a command on Ray as it does without (exit 143, one line).
+    replaces the process's SIGTERM handler with a bare sys.exit; the caller's is put back
+    before anything is said (a SIGTERM after the line below meets it), so SIGTERM ends a
+    command on Ray as it does without (exit 143, one line); one that meets Ray's handler
+    during ray.init is handed to the caller's too.
     """
     if ray.is_initialized():
         return False
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        return _init(cfg)
+        said = _init(cfg)
+    except SystemExit as exc:
+        if main and exc.code == signal.SIGTERM and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+            previous(signal.SIGTERM, None)  # the caller's handler: it raises or returns
+        raise
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    log.info("%s", said)
+    return True
 
 
-def _init(cfg: RayConfig) -> bool:
+def _init(cfg: RayConfig) -> str:
+    """ray.init, joining RAY_ADDRESS or starting a Ray of this job's own; what to say."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         _check_reachable(address)
@@ -94,8 +104,7 @@ def _init(cfg: RayConfig) -> bool:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"RAY_ADDRESS='{address}': {str(exc).splitlines()[0]}") from None
-        log.info("joined the Ray cluster at %s", address)
-        return True
+        return f"joined the Ray cluster at {address}"
     kwargs = {"include_dashboard": False}
     if cfg.num_cpus:
         kwargs["num_cpus"] = cfg.num_cpus
@@ -104,8 +113,7 @@ def _init(cfg: RayConfig) -> bool:
     # address="local": always a new Ray of this job's own, never one already running on the
     # machine (a plain ray.init() would join that, someone else's, without saying so).
     ray.init(address="local", **kwargs)
-    log.info("started a local Ray for this job (%s CPUs)", ray.cluster_resources().get("CPU"))
-    return True
+    return f"started a local Ray for this job ({ray.cluster_resources().get('CPU')} CPUs)"
 
 
 def disconnect(started: bool) -> None:
