@@ -288,12 +288,18 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def stored_form(values: dict) -> dict[str, Any]:
+    """A config (as a dict) read as JSON would store it (tuples as lists), flattened to
+    dotted keys: the form every comparison of configs reads."""
+    return flatten(json.loads(json.dumps(values)))
+
+
 def first_difference(a: dict, b: dict, skip: Callable[[str], bool] = lambda key: False
                      ) -> tuple[str, Any, Any] | None:
     """The first dotted key, in sorted order, whose value differs between two configs given
     as dicts (both read as JSON would store them: tuples as lists), leaving out the keys
     `skip` accepts: (key, its value in a, in b), or None when they agree."""
-    fa, fb = (flatten(json.loads(json.dumps(d))) for d in (a, b))
+    fa, fb = stored_form(a), stored_form(b)
     for key in sorted(fa.keys() | fb.keys()):
         if not skip(key) and fa.get(key) != fb.get(key):
             return key, fa.get(key), fb.get(key)
@@ -316,9 +322,8 @@ def shapes_experts(key: str, count: bool = False) -> bool:
 def experts_key(cfg: Config, count: bool = False) -> str:
     """The values its experts depend on (with `count`, and their number) as one string:
     configs with equal keys train the same experts."""
-    flat = flatten(json.loads(json.dumps(cfg.to_dict())))
-    return json.dumps({k: v for k, v in flat.items() if shapes_experts(k, count)},
-                      sort_keys=True)
+    return json.dumps({k: v for k, v in stored_form(cfg.to_dict()).items()
+                       if shapes_experts(k, count)}, sort_keys=True)
 
 
 def experts_difference(a: dict, b: dict, count: bool = False) -> tuple[str, Any, Any] | None:

@@ -240,7 +240,7 @@ def _cell_config(spec: dict, ds: str, ipc: int, method: str, seed: int,
         raise ConfigError(f"grid cell {ds}-ipc{ipc}-{method}-seed{seed}: {exc}") from None
 
 
-def _group_names(members: dict[tuple, list[Cell]]) -> dict[tuple, str]:
+def _group_names(members: dict[tuple[str, str], list[Cell]]) -> dict[tuple[str, str], str]:
     """A folder name per expert group: the data set; with several groups for it, and its
     smallest ipc; where that is still shared (the presets of MCT and MTT differ in the
     experts, as for Tiny ImageNet), and the methods."""
@@ -269,7 +269,7 @@ def build_grid(name: str, overrides: list[str] | None = None, text: str | None =
              for ds, entry in spec["datasets"].items()
              for ipc in sorted(entry["recipes"], reverse=True)
              for m in spec["methods"] for s in spec["seeds"]]
-    members: dict[tuple, list[Cell]] = defaultdict(list)  # by (data set, its experts)
+    members: dict[tuple[str, str], list[Cell]] = defaultdict(list)  # (data set, experts)
     for cell in cells:
         members[(cell.dataset, _expert_key(cell.cfg, spec["expert_seed"]))].append(cell)
     group_of, groups = {}, []

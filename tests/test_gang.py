@@ -19,8 +19,8 @@ from mct_ray.cli import main
 from mct_ray.config import load_config
 from mct_ray.context import Context
 from tests.conftest import TINY
-from tests.test_runtime import (_hold_every_cpu_but, _wait_for_iteration, formats_rows,
-                                printed_json, run_json, synthetic)
+from tests.test_runtime import (_wait_for_iteration, formats_rows, printed_json, run_json,
+                                run_losing_its_node, synthetic)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -135,19 +135,9 @@ def test_losing_the_gangs_node_restarts_it_elsewhere_with_the_same_set(ray_clust
                                                                        capsys):
     """Both workers on a node that dies (its processes killed, as a SIGKILLed raylet): Ray
     Train starts the gang again on the nodes left, from the last checkpoint."""
-    victim = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
-    ray_cluster.wait_for_nodes()
-    holders = _hold_every_cpu_but(victim.node_id)  # so the gang can only start there
     out = tmp_path / "lost"
-    thread, result = _gang_in_thread(out, experts)
-    try:
-        _wait_for_iteration(out, thread, 10, timeout=240)
-    finally:
-        for h in holders:
-            ray.kill(h)
-    ray_cluster.remove_node(victim, allow_graceful=False)
-    thread.join(timeout=400)
-    assert not thread.is_alive() and result.get("code") == 0
+    run_losing_its_node(ray_cluster, out, lambda: _gang_in_thread(out, experts), wait_s=240,
+                        join_s=400)
     assert printed_json(capsys)["resumed_from"] >= 10
     assert close(synthetic(single).images, synthetic(out).images)
 

@@ -186,6 +186,27 @@ def _wait_for_iteration(folder, thread, n: int, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def run_losing_its_node(ray_cluster, out, start, placed=lambda: None, wait_s: float = 120,
+                        join_s: float = 300) -> None:
+    """A command (`start()` -> its thread and result dict) that can only be placed on a new
+    2-CPU node: once it is there (`placed()`) and has checkpointed iteration 10 in `out`, the
+    node dies (its processes killed, as a SIGKILLed raylet); the command must still end
+    with exit 0."""
+    victim = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+    ray_cluster.wait_for_nodes()
+    holders = _hold_every_cpu_but(victim.node_id)  # so the work can only start there
+    thread, result = start()
+    try:
+        placed()
+        _wait_for_iteration(out, thread, 10, timeout=wait_s)
+    finally:
+        for h in holders:
+            ray.kill(h)
+    ray_cluster.remove_node(victim, allow_graceful=False)
+    thread.join(timeout=join_s)
+    assert not thread.is_alive() and result.get("code") == 0
+
+
 def resumed_like_whole(capsys, out, whole_run, last: int = 59) -> None:
     """The command resumed between iterations 10 and `last` and ended as the uninterrupted
     run."""
@@ -219,23 +240,16 @@ def test_losing_the_distillation_node_resumes_elsewhere_with_the_same_result(
     """The worker node that runs the distillation actor dies (its processes killed, as a
     SIGKILLed raylet): the driver starts another actor on a node that is left, which resumes
     from the last checkpoint, and the run ends as an uninterrupted one."""
-    victim = ray_cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
-    ray_cluster.wait_for_nodes()
-    holders = _hold_every_cpu_but(victim.node_id)  # so the actor can only start there
     out = tmp_path / "lost"
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(code=main(
-        ["distill", "--out", str(out), "--experts", str(local_run), *LONGER])))
-    thread.start()
-    try:
-        _distill_actor()
-        _wait_for_iteration(out, thread, 10)
-    finally:
-        for h in holders:
-            ray.kill(h)
-    ray_cluster.remove_node(victim, allow_graceful=False)
-    thread.join(timeout=300)
-    assert not thread.is_alive() and result.get("code") == 0
+
+    def start():
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(code=main(
+            ["distill", "--out", str(out), "--experts", str(local_run), *LONGER])))
+        thread.start()
+        return thread, result
+
+    run_losing_its_node(ray_cluster, out, start, placed=_distill_actor)
     resumed_like_whole(capsys, out, whole_run)
 
 
